@@ -1,0 +1,111 @@
+"""Time grids for flow-matching samplers.
+
+Conventions (diffusers / FLUX / SD3): time ``t`` (diffusers' *sigma*) runs from 1 (pure
+noise) to 0 (data), ``x_t = (1 - t) x0 + t eps``. A grid is a strictly decreasing 1-D
+float64 tensor ``t_0 > t_1 > ... > t_T`` inside ``[0, 1]``; step ``k`` goes from
+``t_k`` to ``t_{k+1}``, so ``dt = t_{k+1} - t_k < 0``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["compressed_tail_grid", "time_shift", "uniform_grid", "validate_grid"]
+
+
+def time_shift(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
+    """SD3 / FLUX time shift ``t' = s t / (1 + (s - 1) t)``.
+
+    ``s > 1`` spends more steps at high noise (SD3 uses 3; FLUX a resolution-dependent
+    value). Fixes 0 and 1.
+    """
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def uniform_grid(
+    num_steps: int, shift: float = 1.0, t_start: float = 1.0, t_end: float = 0.0
+) -> torch.Tensor:
+    """``num_steps + 1`` times: ``linspace(t_start, t_end, num_steps + 1)`` then :func:`time_shift`.
+
+    With the defaults ``t_start=1, t_end=0`` this is the grid of the public MixGRPO and
+    Flow-GRPO FLUX code (``linspace(1, 0, T + 1)`` then shift). Few-step grids are the same
+    call with a small ``num_steps``.
+
+    Returns:
+        ``(num_steps + 1,)`` float64 tensor, strictly decreasing.
+    """
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    if not 0.0 <= t_end < t_start <= 1.0:
+        raise ValueError(
+            f"need 0 <= t_end < t_start <= 1, got t_start={t_start}, t_end={t_end}"
+        )
+    grid = time_shift(torch.linspace(t_start, t_end, num_steps + 1, dtype=torch.float64), shift)
+    return validate_grid(grid)
+
+
+def validate_grid(grid: torch.Tensor) -> torch.Tensor:
+    """Check that ``grid`` is a strictly decreasing 1-D sequence of times in ``[0, 1]``.
+
+    Returns the grid as float64; raises ``ValueError`` naming the offending value.
+    """
+    grid = torch.as_tensor(grid, dtype=torch.float64)
+    if grid.ndim != 1 or grid.numel() < 2:
+        raise ValueError(
+            f"a time grid must be 1-D with at least 2 points, got shape {tuple(grid.shape)}"
+        )
+    if not torch.isfinite(grid).all():
+        raise ValueError(f"time grid has non-finite values: {grid.tolist()}")
+    bad = ((grid < 0) | (grid > 1)).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(f"time grid value t[{i}]={grid[i].item():.6g} is outside [0, 1]")
+    steps = grid[1:] - grid[:-1]
+    bad = (steps >= 0).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(
+            f"time grid must be strictly decreasing (noise -> data), but "
+            f"t[{i}]={grid[i].item():.6g} <= t[{i + 1}]={grid[i + 1].item():.6g}"
+        )
+    return grid
+
+
+def compressed_tail_grid(
+    grid: torch.Tensor, after_step: int, compression: float, shift: float
+) -> torch.Tensor:
+    """MixGRPO-Flash's compressed ODE grid after the SDE window.
+
+    After the window's last step ``e`` (it ends at ``t_{e+1}``), the public MixGRPO code
+    replaces the remaining ``T - e - 1`` steps of the full grid with
+    ``linspace(t_{e+1}, 0, max(int((T - e) r), 1))`` *re-shifted* by ``shift``. With
+    ``T=25, e=3, r=0.4`` that is 8 points (7 steps); with ``r=0.2`` 4 points (3 steps).
+
+    Re-shifting an already-shifted ``t_{e+1}`` moves the first point of the tail above the
+    window's end; like the reference code we start the tail exactly at ``t_{e+1}`` so the
+    trajectory is continuous, and shift only the interior points.
+
+    Args:
+        grid: the full ``(T + 1,)`` grid.
+        after_step: ``e``, the last step index of the window (``0 <= e <= T - 2``).
+        compression: ``r`` in ``(0, 1]``.
+        shift: time shift applied to the interior points of the tail.
+
+    Returns:
+        ``(n,)`` float64 grid from ``t_{e+1}`` to 0, ``n >= 2``.
+    """
+    grid = validate_grid(grid)
+    num_steps = grid.numel() - 1
+    if not 0 <= after_step <= num_steps - 2:
+        raise ValueError(
+            f"after_step must be in [0, {num_steps - 2}] for a {num_steps}-step grid, got {after_step}"
+        )
+    if not 0.0 < compression <= 1.0:
+        raise ValueError(f"compression must be in (0, 1], got {compression}")
+    num_points = max(int((num_steps - after_step) * compression), 2)
+    start = grid[after_step + 1].item()
+    tail = time_shift(torch.linspace(start, 0.0, num_points, dtype=torch.float64), shift)
+    tail[0] = start
+    return validate_grid(tail)

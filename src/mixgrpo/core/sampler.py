@@ -1,0 +1,258 @@
+"""The mixed ODE/SDE sampler every method shares.
+
+A :class:`SamplingPlan` says, for each step of a time grid, whether it is a stochastic
+(SDE) step -- GRPO's policy, whose transition density is recorded -- or a deterministic ODE
+step (Euler or multistep DPM-Solver++). Flow-GRPO, DanceGRPO, MixGRPO and MixGRPO-Flash are
+all plans; :func:`sample` never knows which method it runs, and only sees the model as a
+``velocity(x, t) -> v`` callable (``t`` is a ``(B,)`` tensor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .dpm_solver import DPM_ORDERS, dpm_solver_pp_step
+from .grids import compressed_tail_grid, validate_grid
+from .steps import (
+    Reduction,
+    SDENoise,
+    euler_step,
+    gaussian_log_prob,
+    sde_step,
+    upcast,
+    x0_from_velocity,
+)
+
+__all__ = [
+    "ODE_SOLVERS",
+    "Rollout",
+    "SamplingPlan",
+    "Transitions",
+    "Velocity",
+    "flash_plan",
+    "initial_noise",
+    "mixed_plan",
+    "sample",
+]
+
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ODE_SOLVERS: tuple[str, ...] = ("euler", "dpm1", "dpm2", "dpm3")
+_STEP_KINDS = ("sde", *ODE_SOLVERS)
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """A time grid and, per step, how to take it.
+
+    Attributes:
+        grid: ``(n + 1,)`` float64 times, strictly decreasing.
+        kinds: ``n`` entries, each ``"sde"`` or an ODE solver (``"euler"``, ``"dpm1"``,
+            ``"dpm2"``, ``"dpm3"``; ``dpmK`` is multistep DPM-Solver++ of order K).
+        window: for plans built from a larger training grid (Flash), the indices of the
+            SDE steps *in that training grid*; otherwise the SDE step indices of this grid.
+    """
+
+    grid: torch.Tensor
+    kinds: tuple[str, ...]
+    window: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        grid = validate_grid(self.grid)
+        object.__setattr__(self, "grid", grid)
+        if len(self.kinds) != grid.numel() - 1:
+            raise ValueError(
+                f"plan has {len(self.kinds)} step kinds for a grid of {grid.numel() - 1} steps"
+            )
+        for k, kind in enumerate(self.kinds):
+            if kind not in _STEP_KINDS:
+                raise ValueError(f"unknown step kind {kind!r} at step {k}; choose from {_STEP_KINDS}")
+            if kind == "sde" and grid[k + 1].item() <= 0.0:
+                raise ValueError(
+                    f"step {k} ends at t=0, where an SDE step has no density: it cannot be stochastic"
+                )
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.kinds)
+
+    @property
+    def sde_steps(self) -> tuple[int, ...]:
+        """Indices (in this plan's grid) of the stochastic steps."""
+        return tuple(k for k, kind in enumerate(self.kinds) if kind == "sde")
+
+
+def mixed_plan(grid: torch.Tensor, sde_steps: Sequence[int], ode_solver: str = "euler") -> SamplingPlan:
+    """SDE on ``sde_steps`` of ``grid`` and ``ode_solver`` everywhere else (MixGRPO, and
+    Flow-GRPO / DanceGRPO when ``sde_steps`` covers every step but the last)."""
+    grid = validate_grid(grid)
+    n = grid.numel() - 1
+    if ode_solver not in ODE_SOLVERS:
+        raise ValueError(f"unknown ODE solver {ode_solver!r}; choose one of {ODE_SOLVERS}")
+    steps = sorted(set(int(k) for k in sde_steps))
+    if steps and not 0 <= steps[0] <= steps[-1] < n:
+        raise ValueError(f"SDE step indices must lie in [0, {n - 1}], got {steps}")
+    kinds = tuple("sde" if k in steps else ode_solver for k in range(n))
+    return SamplingPlan(grid=grid, kinds=kinds, window=tuple(steps))
+
+
+def flash_plan(
+    grid: torch.Tensor,
+    window: Sequence[int],
+    compression: float,
+    shift: float,
+    order: int = 2,
+) -> SamplingPlan:
+    """MixGRPO-Flash: full-grid Euler before the window, SDE inside it, and multistep
+    DPM-Solver++ of ``order`` on a compressed grid after it (see
+    :func:`~mixgrpo.core.grids.compressed_tail_grid`).
+
+    ``window`` must be contiguous, e.g. ``(0, 1, 2, 3)``.
+    """
+    grid = validate_grid(grid)
+    steps = sorted(set(int(k) for k in window))
+    if not steps or steps != list(range(steps[0], steps[-1] + 1)):
+        raise ValueError(f"a Flash window must be a non-empty run of consecutive steps, got {list(window)}")
+    if order not in DPM_ORDERS:
+        raise ValueError(f"DPM-Solver++ order must be one of {DPM_ORDERS}, got {order}")
+    start, end = steps[0], steps[-1]
+    n = grid.numel() - 1
+    if end > n - 2:
+        raise ValueError(f"window {steps} must end before the last step ({n - 1}) of a {n}-step grid")
+    tail = compressed_tail_grid(grid, end, compression, shift)
+    head = grid[: end + 2]  # t_0 ... t_{e+1}
+    new_grid = torch.cat([head, tail[1:]])
+    kinds = ("euler",) * start + ("sde",) * len(steps) + (f"dpm{order}",) * (tail.numel() - 1)
+    return SamplingPlan(grid=new_grid, kinds=kinds, window=tuple(steps))
+
+
+def initial_noise(
+    num_groups: int,
+    group_size: int,
+    shape: Sequence[int],
+    *,
+    shared: bool,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """``(num_groups * group_size, *shape)`` standard normal noise, group-contiguous.
+
+    With ``shared=True`` every member of a group starts from the same noise (MixGRPO), so
+    the group differs only through the SDE steps.
+    """
+    if num_groups < 1 or group_size < 1:
+        raise ValueError(f"num_groups and group_size must be >= 1, got {num_groups}, {group_size}")
+    if shared:
+        z = torch.randn(num_groups, 1, *shape, generator=generator, device=device)
+        z = z.expand(num_groups, group_size, *shape)
+    else:
+        z = torch.randn(num_groups, group_size, *shape, generator=generator, device=device)
+    return z.reshape(num_groups * group_size, *shape).contiguous()
+
+
+@dataclass
+class Transitions:
+    """What the GRPO loss needs from the stochastic steps of a rollout, stacked over
+    ``S`` trained steps: ``x``/``x_next`` ``(S, B, ...)``, ``t``/``t_next`` ``(S,)``,
+    ``log_prob`` ``(S, B)``; ``mean``/``std`` only when requested (KL)."""
+
+    step_index: tuple[int, ...]
+    x: torch.Tensor
+    x_next: torch.Tensor
+    t: torch.Tensor
+    t_next: torch.Tensor
+    log_prob: torch.Tensor
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.step_index)
+
+
+@dataclass
+class Rollout:
+    """Result of :func:`sample`: the final ``x0`` and the recorded stochastic transitions."""
+
+    x0: torch.Tensor
+    transitions: Transitions | None
+    model_passes: int
+    trajectory: list[torch.Tensor] = field(default_factory=list)
+
+
+@torch.no_grad()
+def sample(
+    velocity: Velocity,
+    x_init: torch.Tensor,
+    plan: SamplingPlan,
+    noise: SDENoise | None = None,
+    *,
+    reduction: Reduction = "mean",
+    generator: torch.Generator | None = None,
+    keep_moments: bool = False,
+    keep_trajectory: bool = False,
+) -> Rollout:
+    """Integrate from ``x_init`` at ``plan.grid[0]`` to ``plan.grid[-1]``.
+
+    ODE steps: Euler, or multistep DPM-Solver++ whose history restarts after every SDE step
+    (a multistep history is only valid along one ODE trajectory). SDE steps: drawn from the
+    Gaussian of :func:`~mixgrpo.core.steps.sde_moments`; their ``(x, x_next, t, t_next)``
+    and old log-prob are recorded for the loss.
+
+    Args:
+        velocity: ``velocity(x, t) -> v``, ``t`` a ``(B,)`` tensor.
+        x_init: ``(B, ...)`` starting sample (noise when ``grid[0] = 1``).
+        plan: the grid and step kinds.
+        noise: the SDE form; required when the plan has SDE steps.
+        reduction: log-prob reduction over non-batch dims.
+        generator: RNG for the SDE noise.
+        keep_moments: also keep each SDE step's mean and std (for a KL term).
+        keep_trajectory: keep every intermediate sample (for plots and tests).
+    """
+    if plan.sde_steps and noise is None:
+        raise ValueError("the plan has SDE steps, so an SDENoise must be given")
+    grid = plan.grid.tolist()
+    x = upcast(x_init)
+    batch = x.shape[0]
+    history_x0: list[torch.Tensor] = []
+    history_t: list[float] = []
+    recorded: dict[str, list[torch.Tensor]] = {k: [] for k in ("x", "x_next", "log_prob", "mean", "std")}
+    trajectory = [x] if keep_trajectory else []
+    for k, kind in enumerate(plan.kinds):
+        t, t_next = grid[k], grid[k + 1]
+        v = velocity(x, torch.full((batch,), t, dtype=x.dtype, device=x.device))
+        if kind == "sde":
+            step = sde_step(x, v, t, t_next, noise, generator=generator)
+            recorded["x"].append(x)
+            recorded["x_next"].append(step.x_next)
+            recorded["log_prob"].append(gaussian_log_prob(step.x_next, step.mean, step.std, reduction))
+            if keep_moments:
+                recorded["mean"].append(step.mean)
+                recorded["std"].append(torch.as_tensor(step.std).expand(batch).clone())
+            x_next = step.x_next
+            history_x0, history_t = [], []
+        elif kind == "euler":
+            x_next = euler_step(x, v, t, t_next)
+        else:
+            history_x0 = [*history_x0[-2:], x0_from_velocity(x, v, t)]
+            history_t = [*history_t[-2:], t]
+            x_next = dpm_solver_pp_step(x, history_x0, history_t, t_next, order=int(kind[-1]))
+        x = x_next
+        if keep_trajectory:
+            trajectory.append(x)
+
+    transitions = None
+    if plan.sde_steps:
+        sde = plan.sde_steps
+        transitions = Transitions(
+            step_index=sde,
+            x=torch.stack(recorded["x"]),
+            x_next=torch.stack(recorded["x_next"]),
+            t=torch.tensor([grid[k] for k in sde], dtype=torch.float32),
+            t_next=torch.tensor([grid[k + 1] for k in sde], dtype=torch.float32),
+            log_prob=torch.stack(recorded["log_prob"]),
+            mean=torch.stack(recorded["mean"]) if keep_moments else None,
+            std=torch.stack(recorded["std"]) if keep_moments else None,
+        )
+    return Rollout(x0=x, transitions=transitions, model_passes=plan.num_steps, trajectory=trajectory)

@@ -1,0 +1,224 @@
+"""Single sampler steps for flow-matching models: the deterministic Euler ODE step and the
+stochastic (SDE) steps whose Gaussian transition density is GRPO's policy.
+
+Every function is pure: tensors in, tensors out. ``t`` and ``t_next`` may be Python floats
+(one time for the whole batch) or ``(B,)`` tensors (one time per sample). Arithmetic runs in
+float32 whatever the model's dtype, as diffusers schedulers do.
+
+Flow conventions: ``x_t = (1 - t) x0 + t eps``, velocity ``v = eps - x0``, so
+``x0_hat = x - t v`` and ``eps_hat = x + (1 - t) v``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "LOG_PROB_REDUCTIONS",
+    "SDE_KINDS",
+    "SDENoise",
+    "SDETransition",
+    "broadcast_std",
+    "eps_from_velocity",
+    "euler_step",
+    "gaussian_log_prob",
+    "sde_moments",
+    "sde_step",
+    "transition_log_prob",
+    "upcast",
+    "x0_from_velocity",
+]
+
+SDEKind = Literal["flow_grpo", "dance", "cps"]
+SDE_KINDS: tuple[str, ...] = ("flow_grpo", "dance", "cps")
+Reduction = Literal["mean", "sum"]
+LOG_PROB_REDUCTIONS: tuple[str, ...] = ("mean", "sum")
+
+Time = float | torch.Tensor
+
+
+def _as_column(t: Time, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a scalar or ``(B,)`` time to ``(B, 1, ..., 1)`` float32 on ``like``'s device."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=like.device)
+    if t.ndim == 0:
+        return t
+    if t.ndim != 1 or t.shape[0] != like.shape[0]:
+        raise ValueError(
+            f"time must be a scalar or a (B,) tensor with B={like.shape[0]}, got shape {tuple(t.shape)}"
+        )
+    return t.view(-1, *([1] * (like.ndim - 1)))
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or float64 if it already is (bf16/fp16 models step in float32)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def broadcast_std(std: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """A scalar, ``(B,)`` or already-broadcastable std as a float32 tensor that broadcasts to ``like``."""
+    std = torch.as_tensor(std, dtype=torch.float32, device=like.device)
+    if std.ndim == 1 and like.ndim > 1 and std.shape[0] == like.shape[0]:
+        std = std.view(-1, *([1] * (like.ndim - 1)))
+    return std
+
+
+def x0_from_velocity(x: torch.Tensor, v: torch.Tensor, t: Time) -> torch.Tensor:
+    """Data prediction ``x0_hat = x - t v``."""
+    return upcast(x) - _as_column(t, x) * upcast(v)
+
+
+def eps_from_velocity(x: torch.Tensor, v: torch.Tensor, t: Time) -> torch.Tensor:
+    """Noise prediction ``eps_hat = x + (1 - t) v``."""
+    return upcast(x) + (1 - _as_column(t, x)) * upcast(v)
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, t: Time, t_next: Time) -> torch.Tensor:
+    """Euler step of the probability-flow ODE: ``x_next = x + v (t_next - t)``."""
+    dt = _as_column(t_next, x) - _as_column(t, x)
+    return upcast(x) + upcast(v) * dt
+
+
+@dataclass(frozen=True)
+class SDENoise:
+    """Which stochastic step GRPO explores with, and how much noise it injects.
+
+    ``kind``:
+        - ``"flow_grpo"``: Flow-GRPO / MixGRPO, diffusion ``g(t) = a sqrt(t / (1 - t))``;
+          ``level`` is ``a`` (0.7 Flow-GRPO SD3, 0.9 FLUX).
+        - ``"dance"``: DanceGRPO's eta form, constant diffusion ``g = eta``; ``level`` is
+          ``eta`` (about 0.3).
+        - ``"cps"``: coefficients-preserving sampling, ``std = t_next sin(a pi / 2)``;
+          ``level`` is ``a``.
+    """
+
+    kind: SDEKind = "flow_grpo"
+    level: float = 0.7
+
+    def __post_init__(self) -> None:
+        if self.kind not in SDE_KINDS:
+            raise ValueError(f"unknown SDE kind {self.kind!r}; choose one of {SDE_KINDS}")
+        if not (math.isfinite(self.level) and self.level > 0):
+            raise ValueError(f"SDE noise level must be a finite number > 0, got {self.level}")
+        if self.kind == "cps" and self.level > 1:
+            raise ValueError(f"CPS noise level a must be in (0, 1], got {self.level}")
+
+
+def sde_moments(
+    x: torch.Tensor, v: torch.Tensor, t: Time, t_next: Time, noise: SDENoise
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of the Gaussian transition ``p(x_next | x)``.
+
+    ``flow_grpo`` and ``dance`` discretise the reverse-time SDE with the ODE's marginals,
+    ``dx = [v - g^2/2 * score] dt + g dW``, score ``= -eps_hat / t``::
+
+        mean = x + [v + g(t)^2 / (2 t) * (x + (1 - t) v)] dt
+        std  = g(t) * sqrt(-dt)
+
+    with ``g(t) = a sqrt(t / (1 - t))`` (Flow-GRPO; at ``t = 1`` the denominator uses
+    ``t_next``, as the reference code does) or ``g = eta`` (DanceGRPO).
+
+    ``cps`` (coefficients-preserving sampling)::
+
+        std  = t_next sin(a pi / 2)
+        mean = x0_hat (1 - t_next) + eps_hat sqrt(t_next^2 - std^2)
+
+    Returns:
+        ``mean`` shaped like ``x`` (float32) and ``std`` broadcastable to it.
+    """
+    tc, tn = _as_column(t, x), _as_column(t_next, x)
+    if bool((tn >= tc).any()) or bool((tn < 0).any()):
+        raise ValueError("an SDE step needs 0 <= t_next < t")
+    x, v = upcast(x), upcast(v)
+    eps_hat = x + (1 - tc) * v
+    if noise.kind == "cps":
+        std = tn * math.sin(noise.level * math.pi / 2)
+        x0_hat = x - tc * v
+        mean = x0_hat * (1 - tn) + eps_hat * torch.sqrt(tn**2 - std**2)
+        return mean, std
+    dt = tn - tc
+    if noise.kind == "flow_grpo":
+        t_den = torch.where(tc >= 1, tn, tc)
+        g = noise.level * torch.sqrt(tc / (1 - t_den))
+    else:  # dance
+        g = torch.full_like(tc, noise.level)
+    mean = x + (v + g**2 / (2 * tc) * eps_hat) * dt
+    std = g * torch.sqrt(-dt)
+    return mean, std
+
+
+@dataclass(frozen=True)
+class SDETransition:
+    """One stochastic step: the sample and the Gaussian it was drawn from."""
+
+    x_next: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def sde_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    t: Time,
+    t_next: Time,
+    noise: SDENoise,
+    *,
+    generator: torch.Generator | None = None,
+    eps: torch.Tensor | None = None,
+) -> SDETransition:
+    """Draw ``x_next = mean + std * eps``, ``eps ~ N(0, I)`` (see :func:`sde_moments`).
+
+    Pass ``eps`` to control the noise exactly (e.g. zero noise reduces the ``flow_grpo``
+    and ``dance`` steps to a drift-corrected Euler step).
+    """
+    mean, std = sde_moments(x, v, t, t_next, noise)
+    if eps is None:
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return SDETransition(x_next=mean + std * eps.to(mean.dtype), mean=mean, std=std)
+
+
+def gaussian_log_prob(
+    x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float, reduction: Reduction
+) -> torch.Tensor:
+    """``log N(x_next; mean, std^2 I)`` per element, reduced over all non-batch dims.
+
+    ``reduction="mean"`` averages over dims, as Flow-GRPO, DanceGRPO and MixGRPO do (hence
+    their tiny PPO clip ranges, 1e-4); ``"sum"`` is the true joint log-density.
+
+    Returns:
+        ``(B,)`` float32.
+    """
+    if reduction not in LOG_PROB_REDUCTIONS:
+        raise ValueError(
+            f"unknown log-prob reduction {reduction!r}; choose one of {LOG_PROB_REDUCTIONS}"
+        )
+    std = broadcast_std(std, mean)
+    if bool((std <= 0).any()):
+        raise ValueError("log-prob needs std > 0; a deterministic step (t_next = 0) has no density")
+    diff = upcast(x_next.detach()) - upcast(mean)
+    log_p = -(diff**2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    log_p = log_p.expand_as(diff)
+    dims = tuple(range(1, diff.ndim))
+    return log_p.mean(dim=dims) if reduction == "mean" else log_p.sum(dim=dims)
+
+
+def transition_log_prob(
+    x: torch.Tensor,
+    x_next: torch.Tensor,
+    v: torch.Tensor,
+    t: Time,
+    t_next: Time,
+    noise: SDENoise,
+    reduction: Reduction,
+) -> torch.Tensor:
+    """Log-density of a stored transition ``(x, x_next, t, t_next)`` under the velocity ``v``
+    of the current parameters: the numerator of GRPO's importance ratio
+    ``rho = exp(log p_theta(x_next | x) - log p_old(x_next | x))``.
+
+    Differentiable through ``v``; ``x_next`` is treated as data.
+    """
+    mean, std = sde_moments(x, v, t, t_next, noise)
+    return gaussian_log_prob(x_next, mean, std, reduction)
