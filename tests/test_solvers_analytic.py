@@ -192,3 +192,28 @@ def test_full_sampler_dpm_beats_euler_from_pure_noise():
         errors[solver] = (out.x0.double() - exact).abs().max().item()
     assert errors["dpm2"] < errors["euler"] / 3
     assert errors["dpm3"] < errors["euler"] / 3
+
+
+def test_flash_dpm_tail_beats_euler_on_the_same_compressed_grid():
+    """MixGRPO-Flash's tail: 7 DPM-Solver++ 2M steps after a window at steps 0-3, against 7
+    Euler steps on the same grid. Just before the final step (t = 0.29) the 2M error is
+    0.046 against Euler's 0.129 (max abs, measured). The final first-order step to t = 0
+    (as diffusers) then dominates both: 0.47 against 0.52 at the endpoint."""
+    from mixgrpo.core.sampler import SamplingPlan, flash_plan
+
+    x1 = torch.randn(256, 2, generator=torch.Generator().manual_seed(14))
+    flash = flash_plan(25, [0, 1, 2, 3], 0.4, 3.0)
+    euler_tail = SamplingPlan(flash.grid, ("sde",) * 4 + ("euler",) * 7)
+    noise = SDENoise("flow_grpo", 1e-4)  # ~deterministic window
+
+    def errors(plan):
+        out = sample(GAUSSIAN_2D.velocity, x1, plan, noise,
+                     generator=torch.Generator().manual_seed(15), keep_trajectory=True)
+        assert out.model_passes == 11
+        before_last = (out.trajectory[-2].double() - _gaussian_exact(x1, plan.grid[-2].item())).abs().max()
+        final = (out.x0.double() - _gaussian_exact(x1, 0.0)).abs().max()
+        return before_last.item(), final.item()
+
+    (dpm_mid, dpm_end), (euler_mid, euler_end) = errors(flash), errors(euler_tail)
+    assert dpm_mid < euler_mid / 2
+    assert dpm_end < euler_end

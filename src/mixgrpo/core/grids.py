@@ -74,30 +74,28 @@ def validate_grid(grid: torch.Tensor) -> torch.Tensor:
 
 
 def compressed_tail_grid(
-    grid: torch.Tensor, after_step: int, compression: float, shift: float
+    num_steps: int, after_step: int, compression: float, shift: float
 ) -> torch.Tensor:
     """MixGRPO-Flash's compressed ODE grid after the SDE window.
 
-    After the window's last step ``e`` (it ends at ``t_{e+1}``), the public MixGRPO code
-    replaces the remaining ``T - e - 1`` steps of the full grid with
-    ``linspace(t_{e+1}, 0, max(int((T - e) r), 1))`` *re-shifted* by ``shift``. With
-    ``T=25, e=3, r=0.4`` that is 8 points (7 steps); with ``r=0.2`` 4 points (3 steps).
-
-    Re-shifting an already-shifted ``t_{e+1}`` moves the first point of the tail above the
-    window's end; like the reference code we start the tail exactly at ``t_{e+1}`` so the
-    trajectory is continuous, and shift only the interior points.
+    With the training grid ``t_k = shift(u_k)``, ``u = linspace(1, 0, T + 1)``, and the
+    window's last step ``e`` (ending at ``t_{e+1}``), the public MixGRPO code replaces the
+    remaining ``T - e - 1`` steps by ``shift(linspace(u_{e+1}, 0, n))`` with
+    ``n = max(int((T - e) r), 1)`` points. It starts exactly at ``t_{e+1}``. With
+    ``T = 25, e = 3``: ``r = 0.4`` gives 8 points (7 steps), ``r = 0.2`` gives 4 (3 steps).
+    We use at least 2 points so the tail always reaches ``t = 0``.
 
     Args:
-        grid: the full ``(T + 1,)`` grid.
+        num_steps: ``T`` of the training grid (built by :func:`uniform_grid`).
         after_step: ``e``, the last step index of the window (``0 <= e <= T - 2``).
         compression: ``r`` in ``(0, 1]``.
-        shift: time shift applied to the interior points of the tail.
+        shift: the training grid's time shift.
 
     Returns:
-        ``(n,)`` float64 grid from ``t_{e+1}`` to 0, ``n >= 2``.
+        ``(n,)`` float64 grid from ``t_{e+1}`` to 0.
     """
-    grid = validate_grid(grid)
-    num_steps = grid.numel() - 1
+    if not isinstance(num_steps, int) or num_steps < 2:
+        raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
     if not 0 <= after_step <= num_steps - 2:
         raise ValueError(
             f"after_step must be in [0, {num_steps - 2}] for a {num_steps}-step grid, got {after_step}"
@@ -105,7 +103,5 @@ def compressed_tail_grid(
     if not 0.0 < compression <= 1.0:
         raise ValueError(f"compression must be in (0, 1], got {compression}")
     num_points = max(int((num_steps - after_step) * compression), 2)
-    start = grid[after_step + 1].item()
-    tail = time_shift(torch.linspace(start, 0.0, num_points, dtype=torch.float64), shift)
-    tail[0] = start
-    return validate_grid(tail)
+    start = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[after_step + 1].item()
+    return validate_grid(time_shift(torch.linspace(start, 0.0, num_points, dtype=torch.float64), shift))

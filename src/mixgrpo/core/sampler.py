@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .dpm_solver import DPM_ORDERS, dpm_solver_pp_step
-from .grids import compressed_tail_grid, validate_grid
+from .grids import compressed_tail_grid, uniform_grid, validate_grid
 from .steps import (
     Reduction,
     SDENoise,
@@ -99,31 +99,32 @@ def mixed_plan(grid: torch.Tensor, sde_steps: Sequence[int], ode_solver: str = "
 
 
 def flash_plan(
-    grid: torch.Tensor,
+    num_steps: int,
     window: Sequence[int],
     compression: float,
     shift: float,
     order: int = 2,
 ) -> SamplingPlan:
-    """MixGRPO-Flash: full-grid Euler before the window, SDE inside it, and multistep
-    DPM-Solver++ of ``order`` on a compressed grid after it (see
-    :func:`~mixgrpo.core.grids.compressed_tail_grid`).
+    """MixGRPO-Flash: on the training grid ``uniform_grid(num_steps, shift)``, Euler before
+    the window and SDE inside it; after it, multistep DPM-Solver++ of ``order`` on the
+    compressed grid of :func:`~mixgrpo.core.grids.compressed_tail_grid`.
 
-    ``window`` must be contiguous, e.g. ``(0, 1, 2, 3)``.
+    ``window`` must be contiguous, e.g. ``(0, 1, 2, 3)``. The DPM-Solver history starts
+    fresh after the window (see :func:`sample`); the reference code instead keeps the
+    window's x0 predictions in it, which mixes points of different stochastic trajectories
+    into one polynomial. The cost is the same: one model pass per step.
     """
-    grid = validate_grid(grid)
-    steps = sorted(set(int(k) for k in window))
+    steps = sorted({int(k) for k in window})
     if not steps or steps != list(range(steps[0], steps[-1] + 1)):
         raise ValueError(f"a Flash window must be a non-empty run of consecutive steps, got {list(window)}")
     if order not in DPM_ORDERS:
         raise ValueError(f"DPM-Solver++ order must be one of {DPM_ORDERS}, got {order}")
+    grid = uniform_grid(num_steps, shift=shift)
     start, end = steps[0], steps[-1]
-    n = grid.numel() - 1
-    if end > n - 2:
-        raise ValueError(f"window {steps} must end before the last step ({n - 1}) of a {n}-step grid")
-    tail = compressed_tail_grid(grid, end, compression, shift)
-    head = grid[: end + 2]  # t_0 ... t_{e+1}
-    new_grid = torch.cat([head, tail[1:]])
+    if steps[0] < 0 or end > num_steps - 2:
+        raise ValueError(f"window {steps} must lie in [0, {num_steps - 2}] (before the last step of a {num_steps}-step grid)")
+    tail = compressed_tail_grid(num_steps, end, compression, shift)
+    new_grid = torch.cat([grid[: end + 1], tail])  # t_0 ... t_e, then t_{e+1} ... 0
     kinds = ("euler",) * start + ("sde",) * len(steps) + (f"dpm{order}",) * (tail.numel() - 1)
     return SamplingPlan(grid=new_grid, kinds=kinds, window=tuple(steps))
 

@@ -21,8 +21,8 @@ __all__ = ["WINDOW_SCHEDULES", "WindowSchedule", "make_window_schedule", "window
 
 WINDOW_SCHEDULES: tuple[str, ...] = (
     "progressive",  # MixGRPO: slide from noisy to clean every `interval` iterations
-    "decay",  # progressive, the interval shrinking as the window advances
-    "exp_decay",  # progressive, the interval shrinking exponentially
+    "decay",  # progressive, the interval shrinking linearly as the window advances
+    "exp_decay",  # progressive, the interval shrinking exponentially past a threshold
     "random",  # MixGRPO's random: a fresh window start every iteration
     "fixed",  # a frozen window (MixGRPO-Flash*: steps 0-3)
     "random_range",  # Flow-GRPO-Fast: random window inside [low, high)
@@ -43,19 +43,20 @@ class WindowSchedule:
         name: one of :data:`WINDOW_SCHEDULES`.
         num_steps: ``T``.
         size: window size ``w`` (window schedules only).
-        stride: ``s``, how far the window moves each time it moves.
-        interval: iterations between moves (``progressive``); the starting interval for
-            ``decay`` / ``exp_decay``.
-        min_interval: the interval ``decay`` / ``exp_decay`` shrink to.
-        decay_rate: ``exp_decay``'s per-move factor on the interval.
+        stride: ``s``, how far the window moves each time it moves (MixGRPO: 1).
+        interval: iterations spent at each window position (MixGRPO's ``iters_per_group``:
+            25; Flash: 20). ``decay`` starts from it, ``exp_decay`` scales it.
+        min_interval: ``decay``'s interval at the last position; default ``interval // 4``
+            as the reference code.
+        exp_decay_k, exp_decay_threshold: ``exp_decay``'s interval at start ``l`` is
+            ``ceil(interval * exp(-k * max(0, l - threshold)))`` (reference: 0.1 and 13).
         start: the first window start (``fixed``: the frozen start).
-        max_start: cap on the start; defaults to ``T - 1 - w`` so the window never reaches
-            the final step. The public code caps at ``T - 2`` minus nothing more, because its
-            last step is stochastic too.
-        rollback: after reaching ``max_start``, jump back to ``start`` instead of staying.
-        low, high: ``random_range`` bounds on the window (``low <= start``,
-            ``start + w <= high``).
-        fraction: ``random_subset``'s fraction of the ``T - 1`` trainable steps.
+        max_start: cap on the start. Default ``T - 1 - w``: the window keeps its size and
+            never reaches the final step (the reference code caps the start at its
+            ``max_timesteps`` and truncates the window there instead).
+        rollback: past ``max_start``, jump back to ``start`` instead of staying there.
+        low, high: ``random_range``: the window lies in ``[low, high)``.
+        fraction: ``random_subset``'s share of the ``T - 1`` trainable steps (DanceGRPO 0.6).
         seed: for the random schedules.
     """
 
@@ -64,8 +65,9 @@ class WindowSchedule:
     size: int = 4
     stride: int = 1
     interval: int = 25
-    min_interval: int = 1
-    decay_rate: float = 0.75
+    min_interval: int | None = None
+    exp_decay_k: float = 0.1
+    exp_decay_threshold: int = 13
     start: int = 0
     max_start: int | None = None
     rollback: bool = False
@@ -78,49 +80,62 @@ class WindowSchedule:
         if self.name not in WINDOW_SCHEDULES:
             raise ValueError(f"unknown window schedule {self.name!r}; choose one of {WINDOW_SCHEDULES}")
         if not isinstance(self.num_steps, int) or self.num_steps < 2:
-            raise ValueError(f"num_steps must be an integer >= 2 (one trainable step plus the last), got {self.num_steps!r}")
+            raise ValueError(
+                f"num_steps must be an integer >= 2 (a trainable step plus the final one), got {self.num_steps!r}"
+            )
         trainable = self.num_steps - 1
-        if self.name in ("random_subset", "all"):
-            if self.name == "random_subset" and not 0 < self.fraction <= 1:
-                raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.name == "all":
+            return
+        if self.name == "random_subset":
+            if not 0 < self.fraction <= 1:
+                raise ValueError(f"random_subset fraction must be in (0, 1], got {self.fraction}")
             return
         if not 1 <= self.size <= trainable:
             raise ValueError(
                 f"window size {self.size} must be in [1, {trainable}] for a {self.num_steps}-step grid "
-                f"(the last step cannot be stochastic)"
+                f"(the final step cannot be stochastic)"
             )
-        if self.stride < 1 or self.interval < 1 or self.min_interval < 1:
+        if self.stride < 1 or self.interval < 1:
+            raise ValueError(f"stride and interval must be >= 1, got {self.stride} and {self.interval}")
+        if self.min_interval is not None and not 1 <= self.min_interval <= self.interval:
+            raise ValueError(f"min_interval must be in [1, interval={self.interval}], got {self.min_interval}")
+        if not self.exp_decay_k >= 0:
+            raise ValueError(f"exp_decay_k must be >= 0, got {self.exp_decay_k}")
+        top = trainable - self.size
+        if self.max_start is not None and not 0 <= self.max_start <= top:
             raise ValueError(
-                f"stride, interval and min_interval must be >= 1, got {self.stride}, {self.interval}, {self.min_interval}"
+                f"max_start {self.max_start} must be in [0, {top}] (a window of {self.size} ends before the final step)"
             )
-        if self.min_interval > self.interval:
-            raise ValueError(f"min_interval {self.min_interval} must be <= interval {self.interval}")
-        if not 0 < self.decay_rate < 1:
-            raise ValueError(f"decay_rate must be in (0, 1), got {self.decay_rate}")
-        cap = self.largest_start
-        if not 0 <= self.start <= cap:
-            raise ValueError(f"window start {self.start} must be in [0, {cap}] for size {self.size}")
-        if self.max_start is not None and not self.start <= self.max_start <= trainable - self.size:
-            raise ValueError(
-                f"max_start {self.max_start} must be in [{self.start}, {trainable - self.size}] "
-                f"(window of {self.size} before the last step)"
-            )
+        if not 0 <= self.start <= self.largest_start:
+            raise ValueError(f"window start {self.start} must be in [0, {self.largest_start}] for size {self.size}")
         if self.name == "random_range":
-            high = self.num_steps - 1 if self.high is None else self.high
-            if not self.low >= 0 and self.low + self.size <= high <= trainable:
+            high = trainable if self.high is None else self.high
+            if not (self.low >= 0 and self.low + self.size <= high <= trainable):
                 raise ValueError(
-                    f"random_range needs 0 <= low, low + size <= high <= {trainable}; got low={self.low}, "
-                    f"high={high}, size={self.size}"
+                    f"random_range needs 0 <= low and low + size <= high <= {trainable}; "
+                    f"got low={self.low}, high={high}, size={self.size}"
                 )
 
     @property
     def largest_start(self) -> int:
         return self.num_steps - 1 - self.size if self.max_start is None else self.max_start
 
+    def interval_at(self, start: int) -> int:
+        """Iterations the window stays at ``start`` (``progressive``, ``decay``, ``exp_decay``)."""
+        if self.name == "decay":
+            # linear from `interval` at l = 0 to `min_interval` at the cap
+            low = self.min_interval if self.min_interval is not None else max(1, self.interval // 4)
+            progress = start / max(self.largest_start, 1)
+            return max(low, int(self.interval * (1 - progress) + low * progress))
+        if self.name == "exp_decay":
+            excess = max(0, start - self.exp_decay_threshold)
+            return max(1, math.ceil(self.interval * math.exp(-self.exp_decay_k * excess)))
+        return self.interval
+
     def start_at(self, iteration: int) -> int:
         """The window start ``l`` at ``iteration`` (window schedules only)."""
-        if iteration < 0:
-            raise ValueError(f"iteration must be >= 0, got {iteration}")
+        if not isinstance(iteration, int) or iteration < 0:
+            raise ValueError(f"iteration must be an integer >= 0, got {iteration!r}")
         cap = self.largest_start
         if self.name == "fixed":
             return self.start
@@ -129,39 +144,21 @@ class WindowSchedule:
         if self.name == "random_range":
             high = self.num_steps - 1 if self.high is None else self.high
             return int(_rng(self.seed, iteration).integers(self.low, high - self.size + 1))
-        if self.name == "progressive":
-            moves = iteration // self.interval
-        else:
-            moves = _moves_by(iteration, self._intervals())
+        # l <- min(l + s, cap) after each position's interval, or back to `start` (rollback)
+        positions = list(range(self.start, cap + 1, self.stride))
+        if not self.rollback and positions[-1] != cap:
+            positions.append(cap)
+        durations = [self.interval_at(p) for p in positions]
         if self.rollback:
-            return self._rolled(moves)
-        return min(self.start + moves * self.stride, cap)
-
-    def _rolled(self, moves: int) -> int:
-        positions = list(range(self.start, self.largest_start + 1, self.stride))
-        if positions[-1] != self.largest_start:
-            positions.append(self.largest_start)
-        return positions[moves % len(positions)]
-
-    def _intervals(self):
-        """Iterations spent at each successive window position."""
-        interval = float(self.interval)
-        move = 0
-        while True:
-            if self.name == "progressive":
-                yield self.interval
-            elif self.name == "decay":
-                # linear shrink from `interval` to `min_interval` over the positions
-                positions = max(1, math.ceil((self.largest_start - self.start) / self.stride))
-                frac = min(move / positions, 1.0)
-                yield max(self.min_interval, round(self.interval - frac * (self.interval - self.min_interval)))
-            else:  # exp_decay
-                yield max(self.min_interval, round(interval))
-                interval *= self.decay_rate
-            move += 1
+            iteration %= sum(durations)
+        for position, duration in zip(positions, durations, strict=True):
+            if iteration < duration:
+                return position
+            iteration -= duration
+        return positions[-1]
 
     def steps(self, iteration: int) -> tuple[int, ...]:
-        """Sorted indices of the trained steps at ``iteration``."""
+        """Sorted indices of the trained (stochastic) steps at ``iteration``."""
         trainable = self.num_steps - 1
         if self.name == "all":
             return tuple(range(trainable))
@@ -171,17 +168,6 @@ class WindowSchedule:
             return tuple(sorted(int(k) for k in chosen))
         start = self.start_at(iteration)
         return tuple(range(start, start + self.size))
-
-
-def _moves_by(iteration: int, intervals) -> int:
-    """How many times the window has moved after ``iteration`` iterations."""
-    moves, elapsed = 0, 0
-    for length in intervals:
-        elapsed += length
-        if elapsed > iteration:
-            return moves
-        moves += 1
-    raise AssertionError("unreachable: interval generator is infinite")
 
 
 def make_window_schedule(name: str, num_steps: int, **kwargs) -> WindowSchedule:

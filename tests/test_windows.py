@@ -1,0 +1,153 @@
+"""Window schedules: property tests over random parameters, plus the reference behaviours."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mixgrpo.core.windows import WINDOW_SCHEDULES, make_window_schedule
+
+
+@st.composite
+def schedules(draw):
+    name = draw(st.sampled_from(WINDOW_SCHEDULES))
+    num_steps = draw(st.integers(2, 40))
+    trainable = num_steps - 1
+    size = draw(st.integers(1, trainable))
+    kwargs = dict(
+        size=size,
+        stride=draw(st.integers(1, 4)),
+        interval=draw(st.integers(1, 30)),
+        rollback=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**31)),
+        fraction=draw(st.floats(0.05, 1.0)),
+    )
+    top = trainable - size
+    kwargs["max_start"] = draw(st.one_of(st.none(), st.integers(0, top)))
+    cap = top if kwargs["max_start"] is None else kwargs["max_start"]
+    kwargs["start"] = draw(st.integers(0, cap))
+    if name == "random_range":
+        kwargs["low"] = draw(st.integers(0, top))
+        kwargs["high"] = draw(st.integers(kwargs["low"] + size, trainable))
+    return make_window_schedule(name, num_steps, **kwargs)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(schedules(), st.integers(0, 2000))
+def test_steps_stay_inside_the_grid_and_off_the_final_step(schedule, iteration):
+    steps = schedule.steps(iteration)
+    assert steps, "a schedule must train at least one step"
+    assert list(steps) == sorted(set(steps))
+    assert steps[0] >= 0 and steps[-1] <= schedule.num_steps - 2  # never the step to t = 0
+    if schedule.name not in ("all", "random_subset"):
+        assert len(steps) == schedule.size
+        assert list(steps) == list(range(steps[0], steps[0] + schedule.size))
+        if schedule.name == "random_range":
+            high = schedule.num_steps - 1 if schedule.high is None else schedule.high
+            assert schedule.low <= steps[0] and steps[-1] < high
+        else:
+            assert schedule.start <= steps[0] <= schedule.largest_start
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(schedules(), st.integers(0, 500))
+def test_schedules_are_reproducible(schedule, iteration):
+    same = make_window_schedule(**{f: getattr(schedule, f) for f in schedule.__dataclass_fields__})
+    assert schedule.steps(iteration) == same.steps(iteration)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(schedules())
+def test_sliding_windows_move_by_the_stride_and_respect_the_cap(schedule):
+    if schedule.name not in ("progressive", "decay", "exp_decay"):
+        return
+    starts = [schedule.start_at(i) for i in range(400)]
+    assert starts[0] == schedule.start
+    for prev, cur in itertools.pairwise(starts):
+        assert cur <= schedule.largest_start
+        moved = cur - prev
+        if schedule.rollback and cur == schedule.start and prev != cur:
+            continue  # rolled back to the start
+        assert moved == 0 or moved == schedule.stride or cur == schedule.largest_start
+
+
+def test_progressive_matches_mixgrpo():
+    """T = 25, w = 4, stride 1, moves every 25 iterations, from the noisiest step."""
+    sched = make_window_schedule("progressive", 25, size=4, stride=1, interval=25)
+    assert sched.steps(0) == (0, 1, 2, 3)
+    assert sched.steps(24) == (0, 1, 2, 3)
+    assert sched.steps(25) == (1, 2, 3, 4)
+    assert sched.steps(299) == (11, 12, 13, 14)  # 300 iterations cover steps 0-14 (design.md)
+    assert sched.steps(10_000) == (20, 21, 22, 23)  # capped: never the final step 24
+
+
+def test_rollback_returns_to_the_start():
+    sched = make_window_schedule("progressive", 10, size=2, stride=3, interval=2, rollback=True, start=1)
+    starts = [sched.start_at(i) for i in range(12)]
+    assert starts == [1, 1, 4, 4, 7, 7, 1, 1, 4, 4, 7, 7]
+
+
+def test_decay_interval_shrinks_linearly_and_exp_decay_past_threshold():
+    decay = make_window_schedule("decay", 25, size=4, interval=10, min_interval=1)
+    intervals = [decay.interval_at(start) for start in range(decay.largest_start + 1)]
+    assert intervals[0] == 10 and intervals[-1] == 1
+    assert all(a >= b for a, b in itertools.pairwise(intervals))
+    assert make_window_schedule("decay", 25, interval=20).interval_at(20) == 5  # default min = interval // 4
+
+    exp = make_window_schedule("exp_decay", 25, size=4, interval=25, exp_decay_k=0.1, exp_decay_threshold=13)
+    assert [exp.interval_at(start) for start in (0, 13)] == [25, 25]
+    assert exp.interval_at(20) == math.ceil(25 * math.exp(-0.7))
+
+
+def test_random_windows_vary_with_iteration_and_seed_but_not_with_rank():
+    a = make_window_schedule("random", 25, size=4, seed=7)
+    b = make_window_schedule("random", 25, size=4, seed=7)  # another rank, same config
+    c = make_window_schedule("random", 25, size=4, seed=8)
+    starts_a = [a.start_at(i) for i in range(50)]
+    assert starts_a == [b.start_at(i) for i in range(50)]
+    assert starts_a != [c.start_at(i) for i in range(50)]
+    assert len(set(starts_a)) > 5
+
+
+def test_dance_subset_is_sixty_percent_and_fresh_each_iteration():
+    sched = make_window_schedule("random_subset", 25, fraction=0.6, seed=0)
+    subsets = {sched.steps(i) for i in range(20)}
+    assert all(len(s) == 14 for s in subsets) and len(subsets) > 15
+
+
+def test_flow_grpo_fast_window_stays_in_its_range():
+    sched = make_window_schedule("random_range", 10, size=2, low=0, high=5, seed=3)
+    for i in range(100):
+        steps = sched.steps(i)
+        assert steps[0] >= 0 and steps[-1] < 5
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(name="sliding"), "unknown window schedule 'sliding'"),
+        (dict(name="progressive", size=25), r"window size 25 must be in \[1, 24\]"),
+        (dict(name="progressive", size=0), r"window size 0 must be in \[1, 24\]"),
+        (dict(name="progressive", stride=0), "stride and interval must be >= 1"),
+        (dict(name="progressive", max_start=21), r"max_start 21 must be in \[0, 20\]"),
+        (dict(name="progressive", start=21), r"window start 21 must be in \[0, 20\]"),
+        (dict(name="random_subset", fraction=0.0), r"fraction must be in \(0, 1\]"),
+        (dict(name="random_range", low=3, high=5), "random_range needs"),
+        (dict(name="decay", min_interval=30), r"min_interval must be in \[1, interval=25\]"),
+    ],
+)
+def test_bad_schedules_raise(kwargs, match):
+    name = kwargs.pop("name")
+    with pytest.raises(ValueError, match=match):
+        make_window_schedule(name, 25, **kwargs)
+
+
+def test_bad_iteration_and_tiny_grid():
+    with pytest.raises(ValueError, match="iteration must be an integer >= 0"):
+        make_window_schedule("progressive", 25).steps(-1)
+    with pytest.raises(ValueError, match="num_steps must be an integer >= 2"):
+        make_window_schedule("all", 1)
