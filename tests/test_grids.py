@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixgrpo.core.accounting import count_model_passes
+from mixgrpo.core.accounting import count_model_passes, reference_model_passes
 from mixgrpo.core.grids import compressed_tail_grid, time_shift, uniform_grid, validate_grid
 from mixgrpo.core.sampler import SamplingPlan, flash_plan, mixed_plan, sample
 
@@ -76,16 +76,7 @@ def test_flash_plan_structure_and_sampling():
 
 def test_model_passes_for_every_method_at_t25():
     """The numbers the issue asks for (see mixgrpo.core.accounting for the table)."""
-    grid = uniform_grid(25, shift=3.0)
-    trainable = list(range(24))
-    flow_grpo = count_model_passes(mixed_plan(grid, trainable), 24)
-    dance = count_model_passes(mixed_plan(grid, trainable), int(0.6 * 24))
-    mix = count_model_passes(mixed_plan(grid, [0, 1, 2, 3]), 4)
-    flash = count_model_passes(flash_plan(25, [0, 1, 2, 3], 0.4, 3.0), 4)
-    flash_star = count_model_passes(flash_plan(25, [0, 1, 2, 3], 0.2, 3.0), 4)
-    got = {n: (p.sampling, p.training, p.total) for n, p in
-           [("flow-grpo", flow_grpo), ("dance-grpo", dance), ("mixgrpo", mix),
-            ("mixgrpo-flash", flash), ("mixgrpo-flash-star", flash_star)]}
+    got = {n: (p.sampling, p.training, p.total) for n, p in reference_model_passes(25).items()}
     assert got == {
         "flow-grpo": (25, 24, 49),
         "dance-grpo": (25, 14, 39),
@@ -93,7 +84,9 @@ def test_model_passes_for_every_method_at_t25():
         "mixgrpo-flash": (11, 4, 15),
         "mixgrpo-flash-star": (7, 4, 11),
     }
-    assert count_model_passes(mixed_plan(grid, [0]), 1, cfg=True).total == 52
+    assert count_model_passes(mixed_plan(uniform_grid(25), [0]), 1, cfg=True).total == 52
+    with pytest.raises(ValueError, match="num_steps >= 6"):
+        reference_model_passes(5)
 
 
 def test_model_passes_match_velocity_calls():

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .sampler import SamplingPlan
+from .grids import uniform_grid
+from .sampler import SamplingPlan, flash_plan, mixed_plan
 
-__all__ = ["ModelPasses", "count_model_passes"]
+__all__ = ["ModelPasses", "count_model_passes", "format_model_pass_table", "reference_model_passes"]
 
 
 @dataclass(frozen=True)
@@ -55,3 +56,31 @@ def count_model_passes(
         )
     factor = 2 if cfg else 1
     return ModelPasses(sampling=plan.num_steps * factor, training=num_trained_steps * factor)
+
+
+def reference_model_passes(num_steps: int = 25, shift: float = 3.0) -> dict[str, ModelPasses]:
+    """Passes per trained image of each method's reference structure at ``num_steps``:
+    Flow-GRPO (SDE and loss on every trainable step), DanceGRPO (SDE everywhere, loss on
+    ``int(0.6 (T - 1))`` steps), MixGRPO (window of 4), Flash (window 0-3, compression 0.4),
+    Flash* (window 0-3, compression 0.2)."""
+    if num_steps < 6:
+        raise ValueError(f"the reference table needs num_steps >= 6 (a 4-step window and a tail), got {num_steps}")
+    grid = uniform_grid(num_steps, shift=shift)
+    trainable = list(range(num_steps - 1))
+    window = [0, 1, 2, 3]
+    return {
+        "flow-grpo": count_model_passes(mixed_plan(grid, trainable), len(trainable)),
+        "dance-grpo": count_model_passes(mixed_plan(grid, trainable), int(0.6 * len(trainable))),
+        "mixgrpo": count_model_passes(mixed_plan(grid, window), len(window)),
+        "mixgrpo-flash": count_model_passes(flash_plan(num_steps, window, 0.4, shift), len(window)),
+        "mixgrpo-flash-star": count_model_passes(flash_plan(num_steps, window, 0.2, shift), len(window)),
+    }
+
+
+
+def format_model_pass_table(num_steps: int = 25, shift: float = 3.0) -> str:
+    """:func:`reference_model_passes` as a plain-text table."""
+    rows = [f"{'method':<20}{'sampling':>10}{'training':>10}{'total':>8}"]
+    for name, passes in reference_model_passes(num_steps, shift).items():
+        rows.append(f"{name:<20}{passes.sampling:>10}{passes.training:>10}{passes.total:>8}")
+    return "\n".join(rows)
