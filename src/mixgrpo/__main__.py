@@ -1,0 +1,5 @@
+"""Allow ``python -m mixgrpo``."""
+
+from .cli import main
+
+main()

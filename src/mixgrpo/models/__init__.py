@@ -1,0 +1,1 @@
+"""Model adapters: each exposes ``velocity(x, t, cond) -> v`` to the samplers."""

@@ -1,0 +1,84 @@
+"""Saving and loading embedded-model checkpoints: ``model.safetensors`` + ``config.json``.
+
+Only safetensors and JSON are ever read: nothing in a checkpoint can execute code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .tiny_dit import TinyDiT, TinyDiTConfig
+
+__all__ = ["BASE_CHECKPOINT", "CONFIG", "WEIGHTS", "load_tiny_dit", "read_config", "save_tiny_dit"]
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+BASE_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "base"
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_tiny_dit(model: TinyDiT, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``out_dir/model.safetensors`` and ``out_dir/config.json`` (atomically each)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
+    if not all(torch.isfinite(v).all() for v in state.values()):
+        raise ValueError("refusing to save non-finite weights")
+    _atomic_write(out / WEIGHTS, lambda p: save_file(state, str(p)))
+    config = {"model_type": "tiny-dit", "model": model.config.to_dict(), **(extra or {})}
+    _atomic_write(out / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    return out
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    cfg_path = Path(path) / CONFIG
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG} in checkpoint folder {Path(path)}: pass a folder written by `mixgrpo pretrain` or `mixgrpo train`")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"checkpoint config {cfg_path} is not valid JSON ({err}); the file is corrupt") from err
+
+
+def load_tiny_dit(path: str | Path | None = None, device: str | torch.device = "cpu") -> TinyDiT:
+    """Load a tiny-DiT checkpoint folder; ``None`` loads the shipped base checkpoint."""
+    folder = Path(path) if path is not None else BASE_CHECKPOINT
+    config = read_config(folder)
+    if config.get("model_type") != "tiny-dit":
+        raise ValueError(f"{folder / CONFIG} describes model_type {config.get('model_type')!r}, not 'tiny-dit'")
+    try:
+        model = TinyDiT(TinyDiTConfig(**config["model"]))
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{folder / CONFIG} has an invalid 'model' section: {err}") from err
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"checkpoint weights {weights} are missing")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"checkpoint weights {weights} are corrupt or not safetensors ({err})") from err
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        diff = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+        raise ValueError(
+            f"checkpoint weights {weights} do not match its config: {len(diff)} tensor(s) differ, e.g. {diff[:3]}"
+        )
+    if not all(torch.isfinite(v).all() for v in state.values()):
+        raise ValueError(f"checkpoint weights {weights} contain NaN or Inf; use an earlier checkpoint")
+    model.load_state_dict(state)
+    return model.to(device).eval()

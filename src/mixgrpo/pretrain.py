@@ -1,0 +1,172 @@
+"""Rectified-flow pretraining of the tiny DiT on the procedural world (``mixgrpo pretrain``).
+
+Loss (rectified flow / conditional flow matching): with ``x0`` a render scaled to
+``[-1, 1]``, ``eps ~ N(0, I)``, ``t ~ sigmoid(N(0, 1))`` (SD3's logit-normal),
+``x_t = (1 - t) x0 + t eps``:
+
+    L = E || v_theta(x_t, t, c) - (eps - x0) ||^2
+
+The text condition is replaced by the learned null condition with probability
+``cond_dropout`` so classifier-free guidance works. The saved weights are an EMA.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .core.grids import uniform_grid
+from .core.sampler import mixed_plan, sample
+from .models.checkpoint import save_tiny_dit
+from .models.tiny_dit import TextCondition, TinyDiT, TinyDiTConfig
+from .text import PromptEmbeddings, cached_embeddings
+from .viz import save_curve, save_image_grid
+from .world import all_prompts, sample_pairs
+
+__all__ = ["PretrainConfig", "generate", "pretrain"]
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 4000  # optimizer steps (the run stops earlier if `minutes` runs out)
+    minutes: float | None = None  # wall-clock budget; None = no limit
+    batch_size: int = 64
+    lr: float = 6e-4  # AdamW peak learning rate, after `warmup` steps; cosine to 10%
+    warmup: int = 200
+    weight_decay: float = 0.0
+    ema: float = 0.999  # EMA decay of the saved weights
+    cond_dropout: float = 0.1  # probability of the null condition, for CFG
+    seed: int = 0
+    log_every: int = 25
+    model: TinyDiTConfig = field(default_factory=TinyDiTConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = TinyDiTConfig(**self.model)
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
+        if self.minutes is not None and not self.minutes > 0:
+            raise ValueError(f"minutes must be > 0, got {self.minutes}")
+        if not 0 <= self.cond_dropout < 1:
+            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def condition(embeddings: PromptEmbeddings, prompts: list[str]) -> TextCondition:
+    return TextCondition(*embeddings.lookup(prompts))
+
+
+def _lr_at(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def generate(
+    model: TinyDiT,
+    cond: TextCondition,
+    *,
+    steps: int = 25,
+    shift: float = 3.0,
+    solver: str = "euler",
+    guidance: float = 1.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Deterministic ODE sampling; returns images ``(B, 3, H, W)`` in ``[0, 1]``."""
+    cfg = model.config
+    x1 = torch.randn(len(cond), cfg.channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(seed))
+    plan = mixed_plan(uniform_grid(steps, shift=shift), [], solver)
+    out = sample(lambda x, t: model.velocity(x, t, cond, guidance), x1, plan)
+    return ((out.x0 + 1) / 2).clamp(0, 1)
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    out_dir: str | Path,
+    *,
+    command: str | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> Path:
+    """Train from scratch and write ``model.safetensors``, ``config.json``, ``metrics.jsonl``,
+    ``loss.png`` and ``samples.png`` to ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    prompts = all_prompts()
+    embeddings = cached_embeddings(prompts)
+    model = TinyDiT(cfg.model)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start = time.monotonic()
+    losses: list[tuple[int, float]] = []
+    metrics = (out / "metrics.jsonl").open("w")
+    running, steps_done = None, 0
+    for step in range(cfg.steps):
+        if cfg.minutes is not None and time.monotonic() - start > 60 * cfg.minutes:
+            break
+        batch_prompts, images = sample_pairs(cfg.batch_size, seed=cfg.seed * 1_000_003 + step)
+        x0 = images * 2 - 1
+        cond = condition(embeddings, batch_prompts)
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_dropout
+        if drop.any():
+            null = model.null_condition(cfg.batch_size)
+            cond = TextCondition(
+                torch.where(drop[:, None, None], null.tokens, cond.tokens),
+                torch.where(drop[:, None], null.mask, cond.mask),
+                torch.where(drop[:, None], null.pooled, cond.pooled),
+            )
+        t = torch.sigmoid(torch.randn(cfg.batch_size, generator=gen))
+        eps = torch.randn(x0.shape, generator=gen)
+        x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+        loss = (model(x_t, t, cond) - (eps - x0)).pow(2).mean()
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema, (1 + step) / (10 + step))  # short warm-up of the EMA
+            for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+                p_ema.lerp_(p, 1 - decay)
+        value = loss.item()
+        steps_done = step + 1
+        running = value if running is None else 0.98 * running + 0.02 * value
+        if step % cfg.log_every == 0:
+            losses.append((step, running))
+            metrics.write(json.dumps({"step": step, "loss": value, "loss_ema": running, "lr": _lr_at(step, cfg),
+                                      "elapsed_s": round(time.monotonic() - start, 2)}) + "\n")
+            metrics.flush()
+        if on_step is not None:
+            on_step(step, running)
+    metrics.close()
+    wall = time.monotonic() - start
+    save_tiny_dit(ema, out, {
+        "pretrain": {**asdict(cfg), "model": cfg.model.to_dict()},
+        "steps_done": steps_done,
+        "wall_s": round(wall, 1),
+        "final_loss_ema": running,
+        "command": command or " ".join(sys.argv),
+        "torch": torch.__version__,
+    })
+    if losses:
+        save_curve(out / "loss.png", [s for s, _ in losses], {"loss (EMA)": [v for _, v in losses]}, "step",
+                   "rectified-flow loss")
+    preview = prompts[:: max(1, len(prompts) // 16)][:16]
+    images = generate(ema, condition(embeddings, preview), seed=cfg.seed)
+    save_image_grid(out / "samples.png", images, preview, columns=8)
+    return out

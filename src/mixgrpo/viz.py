@@ -1,0 +1,71 @@
+"""Captioned image grids and metric curves (PIL and matplotlib; files only, no display)."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["image_grid", "save_curve", "save_image_grid"]
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``(B, 3, H, W)`` floats in [0, 1] -> ``(B, H, W, 3)`` uint8."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(
+    images: torch.Tensor, captions: Sequence[str] | None = None, columns: int = 8, scale: int = 4
+) -> Image.Image:
+    """Tile images (nearest-neighbour upscaled by ``scale``) with wrapped captions below."""
+    arrays = _to_uint8(images)
+    n, h, w, _ = arrays.shape
+    columns = max(1, min(columns, n))
+    rows = (n + columns - 1) // columns
+    cell_w, img_h = w * scale, h * scale
+    caption_h = 34 if captions else 0
+    font = ImageFont.load_default()
+    canvas = Image.new("RGB", (columns * cell_w, rows * (img_h + caption_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, arr in enumerate(arrays):
+        r, c = divmod(i, columns)
+        x, y = c * cell_w, r * (img_h + caption_h)
+        canvas.paste(Image.fromarray(arr).resize((cell_w, img_h), Image.NEAREST), (x, y))
+        if captions:
+            lines = textwrap.wrap(captions[i], width=max(8, cell_w // 6))[:3]
+            draw.multiline_text((x + 2, y + img_h + 1), "\n".join(lines), fill="black", font=font, spacing=0)
+    return canvas
+
+
+def save_image_grid(path: str | Path, images: torch.Tensor, captions: Sequence[str] | None = None, **kw) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, captions, **kw).save(path)
+    return path
+
+
+def save_curve(path: str | Path, xs: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, title: str = "") -> Path:
+    """Line plot of one or more series against ``xs``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    for name, ys in series.items():
+        ax.plot(xs, ys, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
