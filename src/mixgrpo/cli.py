@@ -15,6 +15,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="GRPO for flo
 console = Console(stderr=True)
 
 
+@app.callback()
+def _root() -> None:
+    """GRPO for flow-matching text-to-image models: pretrain, train, sample, eval, bench."""
+
+
 def _fail(message: str) -> None:
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(2)

@@ -107,6 +107,10 @@ def pretrain(
     torch.manual_seed(cfg.seed)
     prompts = all_prompts()
     embeddings = cached_embeddings(prompts)
+    # Balanced by prompt form: relation prompts outnumber count prompts 17:1.
+    count_prompts = [p for p in prompts if not p.startswith("a ")]
+    relation_prompts = [p for p in prompts if p.startswith("a ")]
+    half = cfg.batch_size // 2
     model = TinyDiT(cfg.model)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -118,7 +122,11 @@ def pretrain(
     for step in range(cfg.steps):
         if cfg.minutes is not None and time.monotonic() - start > 60 * cfg.minutes:
             break
-        batch_prompts, images = sample_pairs(cfg.batch_size, seed=cfg.seed * 1_000_003 + step)
+        seed = cfg.seed * 1_000_003 + step
+        p_count, x_count = sample_pairs(half, seed=2 * seed, prompts=count_prompts) if half else ([], None)
+        p_rel, x_rel = sample_pairs(cfg.batch_size - half, seed=2 * seed + 1, prompts=relation_prompts)
+        batch_prompts = p_count + p_rel
+        images = x_rel if x_count is None else torch.cat([x_count, x_rel])
         x0 = images * 2 - 1
         cond = condition(embeddings, batch_prompts)
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_dropout

@@ -1,0 +1,99 @@
+"""The reward plug-in contract and registry.
+
+A reward maps a batch of images and their prompts to one score per image::
+
+    class MyReward:
+        name = "my-reward"
+        def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+            # images: (B, 3, H, W) floats in [0, 1]; returns (B,) float32
+            ...
+
+Register it with ``@register_reward("my-reward")`` (or the ``mixgrpo.rewards`` entry-point
+group, loaded on first lookup) and refer to it by name in configs. Heavy imports belong
+inside the class, so listing rewards stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["Reward", "check_images", "get_reward", "list_rewards", "register_reward", "score", "validate_reward_output"]
+
+
+@runtime_checkable
+class Reward(Protocol):
+    name: str
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor: ...
+
+
+_REGISTRY: dict[str, Callable[..., Reward]] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+def register_reward(name: str):
+    """Class decorator adding a reward factory to the registry under ``name``."""
+
+    def wrap(cls):
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"a reward named {name!r} is already registered ({_REGISTRY[name]!r})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def _load_entry_points() -> None:
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    for ep in entry_points(group="mixgrpo.rewards"):
+        if ep.name not in _REGISTRY:
+            _REGISTRY[ep.name] = ep.load()
+
+
+def list_rewards() -> list[str]:
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def get_reward(name: str, **kwargs) -> Reward:
+    """Instantiate the reward registered as ``name``."""
+    _load_entry_points()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown reward {name!r}; registered rewards: {', '.join(sorted(_REGISTRY)) or 'none'}")
+    return _REGISTRY[name](**kwargs)
+
+
+def check_images(images: torch.Tensor, prompts: list[str]) -> None:
+    """Raise ``ValueError`` for a batch no reward should silently score."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"expected images of shape (B, 3, H, W) with values in [0, 1], got {shape}")
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts; pass one prompt per image")
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or Inf; the sampler or model produced non-finite values")
+
+
+def validate_reward_output(values: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    """A reward's output as ``(B,)`` float32, or a ``ValueError`` naming the reward."""
+    values = torch.as_tensor(values, dtype=torch.float32)
+    if values.shape != (batch,):
+        raise ValueError(f"reward {name!r} returned shape {tuple(values.shape)}; expected ({batch},), one score per image")
+    if not torch.isfinite(values).all():
+        bad = int((~torch.isfinite(values)).sum())
+        raise ValueError(f"reward {name!r} returned {bad} non-finite score(s) (NaN/Inf)")
+    return values
+
+
+def score(reward: Reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Check inputs, call ``reward``, check its output."""
+    check_images(images, prompts)
+    return validate_reward_output(reward(images, prompts), images.shape[0], getattr(reward, "name", repr(reward)))

@@ -1,0 +1,40 @@
+"""The embedded procedural text-to-image world: grammar, renderer, split."""
+
+from .grammar import (
+    BACKGROUND,
+    COLOURS,
+    COUNT_WORDS,
+    HELD_OUT_PAIRS,
+    RELATIONS,
+    SHAPES,
+    CountSpec,
+    PromptError,
+    RelationSpec,
+    Spec,
+    all_prompts,
+    format_prompt,
+    parse_prompt,
+    perturb_one_attribute,
+    split_prompts,
+)
+from .render import render, sample_pairs
+
+__all__ = [
+    "BACKGROUND",
+    "COLOURS",
+    "COUNT_WORDS",
+    "HELD_OUT_PAIRS",
+    "RELATIONS",
+    "SHAPES",
+    "CountSpec",
+    "PromptError",
+    "RelationSpec",
+    "Spec",
+    "all_prompts",
+    "format_prompt",
+    "parse_prompt",
+    "perturb_one_attribute",
+    "render",
+    "sample_pairs",
+    "split_prompts",
+]
