@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +22,15 @@ def _root() -> None:
 def _fail(message: str) -> None:
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(2)
+
+
+def _command_line(command: str, **params) -> str:
+    """The exact command that reproduces a run: every resolved option, spelled out."""
+    parts = ["mixgrpo", command]
+    for name, value in params.items():
+        if value is not None:
+            parts += [f"--{name.replace('_', '-')}", shlex.quote(str(value))]
+    return " ".join(parts)
 
 
 @app.command()
@@ -50,7 +58,8 @@ def pretrain(
         )
     except ValueError as err:
         _fail(str(err))
-    command = "mixgrpo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = _command_line("pretrain", out=out, steps=steps, minutes=minutes, batch_size=batch_size, lr=lr,
+                            width=width, depth=depth, heads=heads, image_size=image_size, seed=seed)
     with Progress(TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                   TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("pretrain", total=steps, loss="-")

@@ -67,8 +67,10 @@ class PromptEmbeddings:
 def encode_prompts(prompts: list[str], batch_size: int = 256) -> PromptEmbeddings:
     """Run the bundled MiniLM over ``prompts`` (CPU, offline)."""
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hf_logging.disable_progress_bar()
     path = encoder_path()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True).eval()
