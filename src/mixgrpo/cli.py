@@ -20,7 +20,7 @@ def _root() -> None:
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False, markup=True)
     raise typer.Exit(2)
 
 
@@ -66,6 +66,54 @@ def pretrain(
         folder = run_pretrain(cfg, out, command=command,
                               on_step=lambda s, loss: progress.update(task, completed=s + 1, loss=f"{loss:.4f}"))
     console.print(f"wrote {folder}/model.safetensors, config.json, loss.png, samples.png")
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="Run folder (refused if it already holds a run, unless --resume).")],
+    preset: Annotated[str, typer.Option(help="Method preset: mixgrpo, mixgrpo-flash, mixgrpo-flash-star, flow-grpo, dance-grpo.")] = "mixgrpo",
+    config: Annotated[Path | None, typer.Option(help="YAML file of config values, applied on top of the preset.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override one value: --set optim.lr=3e-4 (repeatable).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
+) -> None:
+    """GRPO fine-tuning with one of the method presets."""
+    from .train.config import apply_overrides, config_from_dict, config_to_dict, load_yaml
+    from .train.presets import make_preset
+    from .train.run import check_run_dir
+    from .train.run import train as run_train
+
+    try:
+        cfg = make_preset(preset)
+        if config is not None:
+            data = config_to_dict(cfg)
+            _merge(data, load_yaml(str(config)))
+            cfg = config_from_dict(data).validate()
+        cfg = apply_overrides(cfg, list(set_ or []))
+        check_run_dir(out, resume)
+    except ValueError as err:
+        _fail(str(err))
+    columns = (TextColumn("iter"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("train", total=cfg.iterations, info="evaluating base...")
+
+            def show(row: dict) -> None:
+                progress.update(task, completed=row["iteration"] + 1, info=(
+                    f"reward {row['reward_mean']:.3f}  window {row['window_start']}  {row['iter_time_s']:.1f}s/it"))
+
+            summary = run_train(cfg, out, resume=resume, on_iteration=show)
+    except ValueError as err:
+        _fail(str(err))
+    console.print_json(data=summary)
+    console.print(f"samples: {out / 'samples'}  curves: {out / 'reward_curve.png'}, {out / 'eval_curve.png'}")
+
+
+def _merge(base: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "rewards":
+            _merge(base[key], value)
+        else:
+            base[key] = value
 
 
 def main() -> None:  # pragma: no cover - console entry point

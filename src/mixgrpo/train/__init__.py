@@ -1,0 +1,1 @@
+"""GRPO training: config, presets, trainer, run directory."""

@@ -1,0 +1,289 @@
+"""Training configuration: nested dataclasses, each field with a one-line reason.
+
+A method is a preset (:mod:`mixgrpo.train.presets`) that edits these values; the trainer
+never looks at the preset's name. ``--set a.b=value`` overrides are parsed against the
+field's type; unknown keys suggest the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from ..core.grpo import MULTI_REWARD_MODES, STD_MODES
+from ..core.sampler import ODE_SOLVERS
+from ..core.steps import LOG_PROB_REDUCTIONS, SDE_KINDS
+from ..core.windows import WINDOW_SCHEDULES
+
+__all__ = [
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "SamplerConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "load_yaml",
+]
+
+
+@dataclass
+class SamplerConfig:
+    num_steps: int = 25  # T, the training grid (MixGRPO: 25)
+    shift: float = 3.0  # SD3/FLUX time shift of the grid (MixGRPO FLUX scripts: 3)
+    sde_kind: str = "flow_grpo"  # flow_grpo | dance | cps: the exploration step
+    noise_level: float = 0.7  # a (flow_grpo, cps) or eta (dance)
+    sde_on: str = "trained"  # "trained": SDE only on trained steps (MixGRPO); "all": every trainable step
+    ode_solver: str = "euler"  # ODE steps outside the SDE steps
+    flash_compression: float | None = None  # MixGRPO-Flash: DPM-Solver++ on a compressed grid after the window
+    dpm_order: int = 2  # DPM-Solver++ order for Flash's tail
+    guidance: float = 1.0  # classifier-free guidance scale; 1 = a single pass
+    shared_noise: bool = True  # all members of a group start from the same noise (MixGRPO)
+
+    def validate(self) -> None:
+        if self.num_steps < 2:
+            raise ValueError(f"sampler.num_steps must be >= 2, got {self.num_steps}")
+        if self.sde_kind not in SDE_KINDS:
+            raise ValueError(f"sampler.sde_kind {self.sde_kind!r} is not one of {SDE_KINDS}")
+        if self.sde_on not in ("trained", "all"):
+            raise ValueError(f"sampler.sde_on must be 'trained' or 'all', got {self.sde_on!r}")
+        if self.ode_solver not in ODE_SOLVERS:
+            raise ValueError(f"sampler.ode_solver {self.ode_solver!r} is not one of {ODE_SOLVERS}")
+        if self.flash_compression is not None and not 0 < self.flash_compression <= 1:
+            raise ValueError(f"sampler.flash_compression must be in (0, 1] or null, got {self.flash_compression}")
+        if self.flash_compression is not None and self.sde_on != "trained":
+            raise ValueError("sampler.flash_compression needs sampler.sde_on='trained' (a window, then the DPM tail)")
+        if not self.noise_level > 0 or not self.shift > 0 or not self.guidance >= 1:
+            raise ValueError("sampler.noise_level and sampler.shift must be > 0 and sampler.guidance >= 1")
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "progressive"  # which steps train each iteration (mixgrpo.core.windows)
+    size: int = 4  # window size w (MixGRPO: 4)
+    stride: int = 1  # window stride s (MixGRPO: 1)
+    interval: int = 25  # iterations per window position (MixGRPO: 25 on GPU; presets scale it)
+    min_interval: int | None = None  # decay schedule's last interval
+    exp_decay_k: float = 0.1
+    exp_decay_threshold: int = 13
+    start: int = 0  # first window start: the noisiest step
+    max_start: int | None = None  # cap on the start (default T - 1 - w)
+    rollback: bool = False  # restart from `start` past the cap
+    low: int = 0  # random_range bounds (Flow-GRPO-Fast)
+    high: int | None = None
+    fraction: float = 0.6  # random_subset share of trainable steps (DanceGRPO: 0.6)
+
+    def validate(self) -> None:
+        if self.name not in WINDOW_SCHEDULES:
+            raise ValueError(f"schedule.name {self.name!r} is not one of {WINDOW_SCHEDULES}")
+
+
+@dataclass
+class LossConfig:
+    clip_range: float = 1e-4  # PPO clip eps (MixGRPO: 1e-4 with mean-reduced log-probs)
+    adv_clip: float | None = 5.0  # A_max (MixGRPO: 5)
+    reduction: str = "mean"  # log-prob reduction over latent dims: mean (reference code) | sum
+    kl_beta: float = 0.0  # weight of KL to the reference policy (MixGRPO: 0)
+    std_mode: str = "group"  # advantage std: per group | global
+    multi_reward_mode: str = "normalize_then_sum"  # MixGRPO/DanceGRPO; Flow-GRPO: sum_then_normalize
+
+    def validate(self) -> None:
+        if not self.clip_range > 0:
+            raise ValueError(f"loss.clip_range must be > 0, got {self.clip_range}")
+        if self.adv_clip is not None and not self.adv_clip > 0:
+            raise ValueError(f"loss.adv_clip must be > 0 or null, got {self.adv_clip}")
+        if self.reduction not in LOG_PROB_REDUCTIONS:
+            raise ValueError(f"loss.reduction {self.reduction!r} is not one of {LOG_PROB_REDUCTIONS}")
+        if self.kl_beta < 0:
+            raise ValueError(f"loss.kl_beta must be >= 0, got {self.kl_beta}")
+        if self.std_mode not in STD_MODES:
+            raise ValueError(f"loss.std_mode {self.std_mode!r} is not one of {STD_MODES}")
+        if self.multi_reward_mode not in MULTI_REWARD_MODES:
+            raise ValueError(f"loss.multi_reward_mode {self.multi_reward_mode!r} is not one of {MULTI_REWARD_MODES}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5  # AdamW learning rate (MixGRPO FLUX: 1e-5; presets scale it for the tiny model)
+    weight_decay: float = 1e-4  # MixGRPO: 1e-4
+    grad_clip: float = 1.0  # max grad norm (MixGRPO: 1.0)
+    micro_batch: int = 16  # samples per backward pass; gradients accumulate over the batch
+    inner_epochs: int = 1  # optimisation passes over each rollout batch (1: ratio stays 1)
+    ema: float | None = None  # EMA decay of the trained weights, None to disable
+
+    def validate(self) -> None:
+        if not self.lr > 0 or self.weight_decay < 0 or not self.grad_clip > 0:
+            raise ValueError("optim.lr and optim.grad_clip must be > 0 and optim.weight_decay >= 0")
+        if self.micro_batch < 1 or self.inner_epochs < 1:
+            raise ValueError("optim.micro_batch and optim.inner_epochs must be >= 1")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ValueError(f"optim.ema must be in (0, 1) or null, got {self.ema}")
+
+
+@dataclass
+class ModelConfig:
+    checkpoint: str | None = None  # model folder; None = the shipped embedded base
+    lora_rank: int = 0  # 0 = full fine-tuning; > 0 trains a peft LoRA adapter
+    lora_alpha: float = 16.0
+    dtype: str = "float32"  # float32 | bfloat16 (autocast of the model's forward)
+
+    def validate(self) -> None:
+        if self.lora_rank < 0:
+            raise ValueError(f"model.lora_rank must be >= 0, got {self.lora_rank}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "mixgrpo"  # which preset built this config (recorded, never branched on)
+    iterations: int = 60  # rollout + update cycles
+    prompts_per_iter: int = 4  # distinct prompts per iteration
+    group_size: int = 8  # images per prompt, G (MixGRPO: 12)
+    seed: int = 0  # every random draw derives from (seed, iteration)
+    rewards: dict[str, float] = field(default_factory=lambda: {"composition": 1.0})  # name -> weight
+    eval_every: int = 20  # held-out evaluation interval (iterations), also at start and end
+    eval_prompts: int = 64  # held-out prompts per evaluation
+    checkpoint_every: int = 10  # iterations between checkpoints
+    keep_checkpoints: int = 2  # retention
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def validate(self) -> TrainConfig:
+        for section in (self.sampler, self.schedule, self.loss, self.optim, self.model):
+            section.validate()
+        if self.iterations < 1 or self.prompts_per_iter < 1:
+            raise ValueError("iterations and prompts_per_iter must be >= 1")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages compare samples within a group), got {self.group_size}")
+        if not self.rewards or any(w < 0 for w in self.rewards.values()) or not sum(self.rewards.values()) > 0:
+            raise ValueError(f"rewards must map reward names to weights >= 0 with a positive sum, got {self.rewards}")
+        if self.eval_every < 1 or self.eval_prompts < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError("eval_every, eval_prompts, checkpoint_every and keep_checkpoints must be >= 1")
+        trainable = self.sampler.num_steps - 1
+        if self.schedule.name not in ("all", "random_subset") and self.schedule.size > trainable:
+            raise ValueError(
+                f"schedule.size {self.schedule.size} is larger than the {trainable} trainable steps of a "
+                f"{self.sampler.num_steps}-step grid; lower schedule.size or raise sampler.num_steps"
+            )
+        return self
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def config_from_dict(data: dict, cls=TrainConfig, prefix: str = ""):
+    """Build a (nested) config from a plain dict; unknown keys raise with a suggestion."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {prefix or '<root>'} must be a mapping, got {type(data).__name__}")
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise ValueError(_unknown_key(prefix + key, cls))
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = config_from_dict(value, hints[key], f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _unknown_key(path: str, cls) -> str:
+    name = path.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(name, list(_hints(cls)), n=1)
+    hint = f"; did you mean {path[: -len(name)]}{close[0]!r}?" if close else f"; valid keys: {', '.join(_hints(cls))}"
+    return f"unknown config key {path!r}{hint}"
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """Convert a YAML / ``--set`` value to the field's type, or raise naming the key."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        is_null = value is None or (isinstance(value, str) and value.lower() in ("null", "none"))
+        if is_null and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, path)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if errors else f"{path}: cannot be null")
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ValueError(f"{path} must be a mapping like {{composition: 1.0}}, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"{path} must be true or false, got {value!r}")
+    if hint in (int, float):
+        try:
+            number = hint(value) if not isinstance(value, str) else hint(float(value)) if hint is float else int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{path} must be {hint.__name__}, got {value!r}") from None
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{path} must be an integer, got {value!r}")
+        return number
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{path} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply ``a.b=value`` strings (type-checked against the dataclass fields)."""
+    data = config_to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        path, raw = item.split("=", 1)
+        keys = path.strip().split(".")
+        node, cls = data, TrainConfig
+        for i, key in enumerate(keys):
+            hints = _hints(cls)
+            if key not in hints:
+                raise ValueError(_unknown_key(".".join(keys[: i + 1]), cls))
+            if i == len(keys) - 1:
+                if dataclasses.is_dataclass(hints[key]):
+                    raise ValueError(f"{path} is a section; set one of its keys, e.g. {path}.{next(iter(_hints(hints[key])))}")
+                node[key] = _coerce(yaml.safe_load(raw) if raw.strip() else raw, hints[key], path)
+            else:
+                if not dataclasses.is_dataclass(hints[key]):
+                    raise ValueError(f"{'.'.join(keys[: i + 1])} is not a section")
+                node, cls = node[key], hints[key]
+    return config_from_dict(data).validate()
+
+
+def load_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top level")
+    return data

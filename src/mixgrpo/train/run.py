@@ -1,0 +1,149 @@
+"""A training run on disk: the directory layout, logging, evaluation cadence, resume.
+
+    DIR/config.yaml        the resolved config
+    DIR/metrics.jsonl      one row per iteration
+    DIR/eval.jsonl         held-out evaluation at start, every `eval_every`, at the end;
+                           its `iteration` counts completed iterations (0 = before training)
+    DIR/samples/           image grids of the evaluation prompts
+    DIR/reward_curve.png   train and held-out reward against iteration
+    DIR/checkpoints/       atomic checkpoints + latest.json
+    DIR/tb/                TensorBoard events
+    DIR/summary.json       the headline figures
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..viz import save_curve, save_image_grid
+from .checkpointing import latest_iteration, load_latest, save_checkpoint
+from .config import TrainConfig, config_from_dict, config_to_dict
+from .trainer import GRPOTrainer
+
+__all__ = ["check_run_dir", "prepare_run_dir", "train"]
+
+
+def check_run_dir(out: Path, resume: bool) -> None:
+    """Refuse, before any work, a new run over an existing one or a resume without a run."""
+    out = Path(out)
+    if resume:
+        if not (out / "config.yaml").is_file():
+            raise ValueError(f"--resume: {out} holds no run (config.yaml missing); drop --resume to start one")
+        if latest_iteration(out / "checkpoints") is None:
+            raise ValueError(f"--resume: {out} has no checkpoint yet; delete the folder or drop --resume to restart")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+
+
+def prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
+    """Create ``out`` for a new run, or read its config for ``--resume``; never overwrites a run."""
+    check_run_dir(out, resume)
+    config_path = out / "config.yaml"
+    if resume:
+        return config_from_dict(yaml.safe_load(config_path.read_text())).validate()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    except OSError as err:
+        raise ValueError(f"cannot write to output folder {out} ({err.strerror}); choose a writable --out") from None
+    return cfg
+
+
+def _truncate_jsonl(path: Path, last_iteration: int) -> list[dict[str, Any]]:
+    """Drop rows after the checkpoint being resumed (they will be recomputed)."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["iteration"] <= last_iteration]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def train(
+    cfg: TrainConfig, out: str | Path, *, resume: bool = False,
+    on_iteration: Callable[[dict[str, Any]], None] | None = None, trainer: GRPOTrainer | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) a training job in ``out``; returns the summary."""
+    out = Path(out)
+    cfg = prepare_run_dir(out, cfg, resume)
+    trainer = trainer or GRPOTrainer(cfg)
+    metrics_path, eval_path = out / "metrics.jsonl", out / "eval.jsonl"
+    start_iteration, elapsed_before = 0, 0.0
+    if resume:
+        last, weights, state = load_latest(out / "checkpoints", trainer.optimizer)
+        trainer.load_trainable_state(weights)
+        start_iteration, elapsed_before = last + 1, state.get("wall_time_s", 0.0)
+        _truncate_jsonl(metrics_path, last)  # rows are iteration indices
+        _truncate_jsonl(eval_path, last + 1)  # rows count completed iterations
+    tb = _tensorboard(out / "tb")
+    started = time.perf_counter()
+
+    def evaluate(completed: int) -> dict[str, Any]:
+        """Held-out evaluation after ``completed`` iterations (0 = the starting model)."""
+        row, images = trainer.evaluate()
+        row = {"iteration": completed, **row}
+        trainer.write_metrics(eval_path, row)
+        save_image_grid(out / "samples" / f"after_{completed:05d}.png", images[:16], trainer.eval_prompts[:16])
+        if tb:
+            for k, v in row.items():
+                if k.startswith("reward"):
+                    tb.add_scalar(f"eval/{k}", v, completed)
+        return row
+
+    if start_iteration == 0:
+        evaluate(0)
+    for iteration in range(start_iteration, cfg.iterations):
+        row = trainer.step(iteration)
+        trainer.write_metrics(metrics_path, row)
+        if tb:
+            for k, v in row.items():
+                tb.add_scalar(f"train/{k}", v, iteration)
+        if on_iteration is not None:
+            on_iteration(row)
+        last = iteration == cfg.iterations - 1
+        if (iteration + 1) % cfg.eval_every == 0 or last:
+            evaluate(iteration + 1)
+        if (iteration + 1) % cfg.checkpoint_every == 0 or last:
+            save_checkpoint(out / "checkpoints", iteration, trainer.trainable_state(), trainer.optimizer,
+                            {"wall_time_s": elapsed_before + time.perf_counter() - started}, cfg.keep_checkpoints)
+    if tb:
+        tb.close()
+    return _summarise(out, cfg, trainer, elapsed_before + time.perf_counter() - started)
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: JSONL logs still have everything
+        return None
+    return SummaryWriter(str(folder))
+
+
+def _summarise(out: Path, cfg: TrainConfig, trainer: GRPOTrainer, wall: float) -> dict[str, Any]:
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines() if x.strip()]
+    summary = {
+        "preset": cfg.preset,
+        "iterations": cfg.iterations,
+        "initial_eval_reward": evals[0]["reward_mean"],
+        "final_eval_reward": evals[-1]["reward_mean"],
+        "initial_eval_composition": evals[0].get("reward_composition"),
+        "final_eval_composition": evals[-1].get("reward_composition"),
+        "eval_gain": evals[-1]["reward_mean"] - evals[0]["reward_mean"],
+        "wall_time_s": round(wall, 1),
+        "model_passes_per_image": sum(m["model_passes_per_image"] for m in metrics) / len(metrics),
+        "mean_iter_time_s": sum(m["iter_time_s"] for m in metrics) / len(metrics),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    save_curve(out / "reward_curve.png", [m["iteration"] for m in metrics],
+               {"train reward": [m["reward_mean"] for m in metrics]}, "iteration", "reward")
+    if len(evals) > 1:
+        save_curve(out / "eval_curve.png", [e["iteration"] for e in evals],
+                   {"held-out reward": [e["reward_mean"] for e in evals]}, "iteration", "held-out reward")
+    return summary

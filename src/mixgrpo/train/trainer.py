@@ -1,0 +1,274 @@
+"""The GRPO trainer: rollout -> rewards -> group advantages -> clipped loss on the trained
+steps -> AdamW. It never branches on the method's name; the config says which steps are
+stochastic, which are trained and which sampler runs.
+
+Every random draw of iteration ``i`` comes from generators seeded by ``(seed, i)``, so a
+resumed run repeats the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..core.accounting import count_model_passes
+from ..core.grids import uniform_grid
+from ..core.grpo import Advantages, gaussian_kl, multi_reward_advantages, ppo_clip_loss
+from ..core.sampler import Rollout, SamplingPlan, flash_plan, initial_noise, mixed_plan, sample
+from ..core.steps import SDENoise, gaussian_log_prob, sde_moments
+from ..core.windows import WindowSchedule
+from ..models.checkpoint import load_tiny_dit
+from ..models.tiny_dit import TextCondition, TinyDiT
+from ..rewards import get_reward, score
+from ..text import cached_embeddings
+from ..world.grammar import split_prompts
+from .config import TrainConfig
+
+__all__ = ["GRPOTrainer", "RolloutBatch"]
+
+
+@dataclass
+class RolloutBatch:
+    """One iteration's samples: ``P * G`` images, group-contiguous."""
+
+    prompts: list[str]
+    cond: TextCondition
+    rollout: Rollout
+    images: torch.Tensor  # (N, 3, H, W) in [0, 1]
+    trained: list[int]  # positions in rollout.transitions that carry the loss
+    plan: SamplingPlan
+
+
+def _generator(seed: int, iteration: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, iteration, stream]).generate_state(1)[0]))
+
+
+class GRPOTrainer:
+    """Holds the policy, optimizer and data; :meth:`step` runs one GRPO iteration."""
+
+    def __init__(self, cfg: TrainConfig, model: TinyDiT | None = None):
+        self.cfg = cfg.validate()
+        self.model = model if model is not None else load_tiny_dit(cfg.model.checkpoint)
+        self.reference: TinyDiT | None = None
+        if cfg.model.lora_rank > 0:
+            self._add_lora()
+        elif cfg.loss.kl_beta > 0:
+            self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.ema = [p.detach().clone() for p in self.params] if cfg.optim.ema else None
+        self.train_prompts, heldout = split_prompts()
+        from ..world.bench import heldout_eval_prompts
+
+        self.eval_prompts = heldout_eval_prompts(min(cfg.eval_prompts, len(heldout)))
+        self.embeddings = cached_embeddings(self.train_prompts + heldout)
+        self.rewards = {name: get_reward(name) for name in cfg.rewards}
+        s = cfg.sampler
+        self.noise = SDENoise(s.sde_kind, s.noise_level)
+        self.grid = uniform_grid(s.num_steps, shift=s.shift)
+        sc = cfg.schedule
+        self.schedule = WindowSchedule(
+            name=sc.name, num_steps=s.num_steps, size=sc.size, stride=sc.stride, interval=sc.interval,
+            min_interval=sc.min_interval, exp_decay_k=sc.exp_decay_k, exp_decay_threshold=sc.exp_decay_threshold,
+            start=sc.start, max_start=sc.max_start, rollback=sc.rollback, low=sc.low, high=sc.high,
+            fraction=sc.fraction, seed=cfg.seed,
+        )
+        self.autocast = (
+            torch.autocast("cpu", dtype=torch.bfloat16) if cfg.model.dtype == "bfloat16" else nullcontext()
+        )
+
+    # ------------------------------------------------------------------ policy
+    def _add_lora(self) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        cfg = self.cfg.model
+        self.model.requires_grad_(False)
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=["qkv", "proj", "mlp.0", "mlp.2"])
+        inject_adapter_in_model(lora, self.model)
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition, *, reference: bool = False) -> torch.Tensor:
+        """The policy's (or the reference policy's) velocity, with guidance and autocast."""
+        with self.autocast:
+            if not reference:
+                return self.model.velocity(x, t, cond, self.cfg.sampler.guidance).float()
+            if self.reference is not None:
+                return self.reference.velocity(x, t, cond, self.cfg.sampler.guidance).float()
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+            for layer in layers:
+                layer.enable_adapters(False)
+            try:
+                return self.model.velocity(x, t, cond, self.cfg.sampler.guidance).float()
+            finally:
+                for layer in layers:
+                    layer.enable_adapters(True)
+
+    # ------------------------------------------------------------------ rollout
+    def plan(self, iteration: int) -> tuple[SamplingPlan, tuple[int, ...]]:
+        """The sampling plan and the trained step indices (of the training grid)."""
+        s = self.cfg.sampler
+        trained = self.schedule.steps(iteration)
+        if s.sde_on == "all":
+            return mixed_plan(self.grid, range(s.num_steps - 1), s.ode_solver), trained
+        if s.flash_compression is not None:
+            return flash_plan(s.num_steps, trained, s.flash_compression, s.shift, s.dpm_order), trained
+        return mixed_plan(self.grid, trained, s.ode_solver), trained
+
+    def model_passes(self, iteration: int) -> int:
+        plan, trained = self.plan(iteration)
+        passes = count_model_passes(plan, len(trained), cfg=self.cfg.sampler.guidance != 1.0)
+        return passes.sampling + passes.training * self.cfg.optim.inner_epochs
+
+    @torch.no_grad()
+    def rollout(self, iteration: int) -> RolloutBatch:
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, iteration, 1])
+        picks = rng.choice(len(self.train_prompts), size=cfg.prompts_per_iter, replace=False)
+        prompts = [self.train_prompts[i] for i in picks for _ in range(cfg.group_size)]
+        cond = TextCondition(*self.embeddings.lookup(prompts))
+        gen = _generator(cfg.seed, iteration, 2)
+        mc = self.model.config
+        x1 = initial_noise(cfg.prompts_per_iter, cfg.group_size, (mc.channels, mc.image_size, mc.image_size),
+                           shared=cfg.sampler.shared_noise, generator=gen)
+        plan, trained = self.plan(iteration)
+        self.model.eval()
+        out = sample(lambda x, t: self.velocity(x, t, cond), x1, plan, self.noise, reduction=cfg.loss.reduction,
+                     generator=gen, keep_moments=cfg.loss.kl_beta > 0)
+        positions = [i for i, k in enumerate(out.transitions.step_index) if k in set(trained)]
+        images = ((out.x0 + 1) / 2).clamp(0, 1)
+        return RolloutBatch(prompts, cond, out, images, positions, plan)
+
+    def score(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+        return {name: score(fn, batch.images, batch.prompts) for name, fn in self.rewards.items()}
+
+    def advantages(self, rewards: dict[str, torch.Tensor]) -> Advantages:
+        loss = self.cfg.loss
+        return multi_reward_advantages(rewards, self.cfg.rewards, self.cfg.group_size, mode=loss.multi_reward_mode,
+                                       std_mode=loss.std_mode, clip=loss.adv_clip)
+
+    # ------------------------------------------------------------------ update
+    def update(self, batch: RolloutBatch, adv: Advantages) -> dict[str, float]:
+        """PPO-clipped loss on the trained steps only, gradients accumulated over
+        micro-batches of the samples that carry signal, one AdamW step per inner epoch."""
+        cfg, tr = self.cfg, batch.rollout.transitions
+        valid = adv.valid.nonzero().squeeze(1)
+        stats = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "ratio_mean": 0.0, "kl": 0.0}
+        if valid.numel() == 0 or not batch.trained:
+            return stats
+        self.model.train()
+        chunks = valid.split(cfg.optim.micro_batch)
+        weight_per_sample = 1.0 / (valid.numel() * len(batch.trained))
+        terms = 0
+        for _ in range(cfg.optim.inner_epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            for s in batch.trained:
+                t, t_next = tr.t[s].item(), tr.t_next[s].item()
+                for idx in chunks:
+                    cond = batch.cond.index(idx)
+                    t_vec = torch.full((idx.numel(),), t)
+                    v = self.velocity(tr.x[s][idx], t_vec, cond)
+                    mean, std = sde_moments(tr.x[s][idx], v, t, t_next, self.noise)
+                    log_prob = gaussian_log_prob(tr.x_next[s][idx], mean, std, cfg.loss.reduction)
+                    loss, st = ppo_clip_loss(log_prob, tr.log_prob[s][idx], adv.advantages[idx], cfg.loss.clip_range)
+                    if cfg.loss.kl_beta > 0:
+                        with torch.no_grad():
+                            v_ref = self.velocity(tr.x[s][idx], t_vec, cond, reference=True)
+                            mean_ref, _ = sde_moments(tr.x[s][idx], v_ref, t, t_next, self.noise)
+                        kl = gaussian_kl(mean, mean_ref, std, cfg.loss.reduction).mean()
+                        loss = loss + cfg.loss.kl_beta * kl
+                        stats["kl"] += kl.item()
+                    (loss * idx.numel() * weight_per_sample).backward()
+                    stats["loss"] += loss.item() * idx.numel() * weight_per_sample
+                    for key in ("clip_frac", "approx_kl", "ratio_mean"):
+                        stats[key] += st[key].item()
+                    terms += 1
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
+            self.optimizer.step()
+            if self.ema is not None:
+                with torch.no_grad():
+                    for e, p in zip(self.ema, self.params, strict=True):
+                        e.lerp_(p.detach(), 1 - cfg.optim.ema)
+        for key in ("clip_frac", "approx_kl", "ratio_mean", "kl"):
+            stats[key] /= max(terms, 1)
+        stats["loss"] /= cfg.optim.inner_epochs
+        return stats
+
+    def step(self, iteration: int) -> dict[str, Any]:
+        """One GRPO iteration; returns the metrics row."""
+        start = time.perf_counter()
+        batch = self.rollout(iteration)
+        rewards = self.score(batch)
+        adv = self.advantages(rewards)
+        stats = self.update(batch, adv)
+        weights = self.cfg.rewards
+        total = sum(weights[n] * r for n, r in rewards.items()) / sum(weights.values())
+        row = {
+            "iteration": iteration,
+            "reward_mean": total.mean().item(),
+            "reward_std": total.std().item(),
+            **{f"reward_{n}": r.mean().item() for n, r in rewards.items()},
+            **stats,
+            "window_start": min(batch.rollout.transitions.step_index[i] for i in batch.trained),
+            "trained_steps": len(batch.trained),
+            "model_passes_per_image": self.model_passes(iteration),
+            "zero_std_groups": adv.num_zero_variance_groups,
+            "iter_time_s": time.perf_counter() - start,
+        }
+        return row
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, *, seed: int = 0) -> tuple[dict[str, Any], torch.Tensor]:
+        """Held-out prompts, one deterministic ODE sample each, every training reward plus
+        ``composition``. Returns the row and the images."""
+        from ..pretrain import generate
+
+        self.model.eval()
+        s = self.cfg.sampler
+        images = []
+        for i in range(0, len(self.eval_prompts), 64):
+            chunk = self.eval_prompts[i : i + 64]
+            cond = TextCondition(*self.embeddings.lookup(chunk))
+            with self.autocast:
+                images.append(generate(self.model, cond, steps=s.num_steps, shift=s.shift, guidance=s.guidance,
+                                       seed=seed + i).float())
+        images = torch.cat(images)
+        names = dict.fromkeys([*self.cfg.rewards, "composition"])
+        rewards = {n: score(self.rewards.get(n) or get_reward(n), images, self.eval_prompts) for n in names}
+        weights = self.cfg.rewards
+        total = sum(weights[n] * rewards[n] for n in weights) / sum(weights.values())
+        row = {"reward_mean": total.mean().item(), **{f"reward_{n}": r.mean().item() for n, r in rewards.items()},
+               "n": len(self.eval_prompts)}
+        return row, images
+
+    # ------------------------------------------------------------------ state
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        state = {names[id(p)]: p.detach().clone() for p in self.params}
+        if self.ema is not None:
+            state.update({f"ema.{names[id(p)]}": e.clone() for p, e in zip(self.params, self.ema, strict=True)})
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        named = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for p in self.params:
+                name = next(n for n, q in named.items() if q is p)
+                p.copy_(state[name])
+            if self.ema is not None:
+                for i, p in enumerate(self.params):
+                    name = next(n for n, q in named.items() if q is p)
+                    self.ema[i].copy_(state[f"ema.{name}"])
+
+    def write_metrics(self, path: Path, row: dict[str, Any]) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")

@@ -1,0 +1,180 @@
+"""The GRPO trainer and `mixgrpo train` on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mixgrpo.cli import app
+from mixgrpo.core.accounting import count_model_passes
+from mixgrpo.models.checkpoint import save_tiny_dit
+from mixgrpo.models.tiny_dit import TinyDiT, TinyDiTConfig
+from mixgrpo.rewards import register_reward
+from mixgrpo.train.config import apply_overrides
+from mixgrpo.train.presets import PRESETS, make_preset
+from mixgrpo.train.run import train
+from mixgrpo.train.trainer import GRPOTrainer
+
+TINY = TinyDiTConfig(width=32, depth=2, heads=2)
+
+
+@register_reward("test-brightness")
+class Brightness:
+    """Toy reward with a known optimum: brighter is better."""
+
+    def __call__(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = TinyDiT(TINY)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return str(save_tiny_dit(model, tmp_path_factory.mktemp("ckpt") / "tiny"))
+
+
+def tiny_config(checkpoint: str, preset: str = "mixgrpo", *extra: str):
+    return apply_overrides(make_preset(preset), [
+        f"model.checkpoint={checkpoint}", "iterations=4", "prompts_per_iter=2", "group_size=4",
+        "sampler.num_steps=8", "eval_prompts=8", "eval_every=2", "checkpoint_every=2", "schedule.interval=1",
+        "schedule.size=2", "optim.micro_batch=4", "rewards={test-brightness: 1.0}", *extra,
+    ])
+
+
+def test_ratio_is_exactly_one_before_the_first_update(tiny_checkpoint):
+    trainer = GRPOTrainer(tiny_config(tiny_checkpoint))
+    batch = trainer.rollout(0)
+    stats = trainer.update(batch, trainer.advantages(trainer.score(batch)))
+    assert stats["ratio_mean"] == 1.0 and stats["clip_frac"] == 0.0 and stats["approx_kl"] == 0.0
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_gradients_flow_only_through_trained_steps_and_passes_match_accounting(tiny_checkpoint, preset):
+    cfg = tiny_config(tiny_checkpoint, preset, "loss.kl_beta=0.0")
+    trainer = GRPOTrainer(cfg)
+    calls = {"grad": 0, "no_grad": 0}
+    forward = trainer.model.forward
+
+    def counting_forward(*args, **kwargs):
+        calls["grad" if torch.is_grad_enabled() else "no_grad"] += 1
+        return forward(*args, **kwargs)
+
+    trainer.model.forward = counting_forward
+    row = trainer.step(1)
+    plan, trained = trainer.plan(1)
+    n_chunks = -(-cfg.prompts_per_iter * cfg.group_size // cfg.optim.micro_batch)
+    n_trained = len(trained) if row["zero_std_groups"] < cfg.prompts_per_iter else 0
+    assert calls["grad"] == n_trained * n_chunks  # one grad-enabled pass per trained step and chunk
+    assert calls["no_grad"] == plan.num_steps  # the rollout: one batched pass per plan step
+    assert row["model_passes_per_image"] == count_model_passes(plan, len(trained)).total
+    assert row["trained_steps"] == len(trained)
+
+
+def test_toy_reward_moves_samples_the_right_way(tiny_checkpoint):
+    cfg = tiny_config(tiny_checkpoint, "mixgrpo", "optim.lr=3e-3",
+                      "iterations=12", "group_size=8", "sampler.noise_level=1.0", "schedule.size=4")
+    trainer = GRPOTrainer(cfg)
+    before = trainer.evaluate()[0]["reward_test-brightness"]
+    for i in range(cfg.iterations):
+        trainer.step(i)
+    after = trainer.evaluate()[0]["reward_test-brightness"]
+    assert after > before + 0.02, (before, after)
+
+
+def test_train_cli_end_to_end_writes_every_output(tiny_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--preset", "mixgrpo"]
+    for item in (f"model.checkpoint={tiny_checkpoint}", "iterations=3", "prompts_per_iter=2", "group_size=4",
+                 "sampler.num_steps=8", "eval_prompts=8", "eval_every=2", "checkpoint_every=2", "schedule.interval=1"):
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for name in ("config.yaml", "metrics.jsonl", "eval.jsonl", "reward_curve.png", "summary.json",
+                 "checkpoints/latest.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "samples").glob("*.png")) and list((out / "tb").iterdir())
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    for key in ("iteration", "reward_mean", "reward_std", "reward_composition", "loss", "clip_frac", "approx_kl",
+                "window_start", "model_passes_per_image", "iter_time_s", "zero_std_groups"):
+        assert key in rows[0], key
+    evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["iteration"] for e in evals] == [0, 2, 3]
+    assert {"reward_mean", "reward_composition", "n"} <= set(evals[0])
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("preset", "iterations", "initial_eval_reward", "final_eval_reward", "wall_time_s",
+                "model_passes_per_image"):
+        assert key in summary, key
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny_checkpoint, tmp_path):
+    cfg = tiny_config(tiny_checkpoint)
+    full = GRPOTrainer(cfg)
+    train(cfg, tmp_path / "full", trainer=full)
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_after_checkpoint(row):
+        if row["iteration"] == 2:  # iteration 1 was checkpointed; 2 is lost
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(cfg, tmp_path / "cut", on_iteration=crash_after_checkpoint)
+    train(cfg, tmp_path / "cut", resume=True)
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "full/checkpoints/iter_000003/weights.safetensors"))
+    b = load_file(str(tmp_path / "cut/checkpoints/iter_000003/weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(x)["iteration"] for x in (tmp_path / "cut/metrics.jsonl").read_text().splitlines()]
+    assert rows == [0, 1, 2, 3]
+
+
+def test_lora_trains_only_the_adapter(tiny_checkpoint):
+    cfg = tiny_config(tiny_checkpoint, "mixgrpo", "model.lora_rank=4", "loss.kl_beta=0.1")
+    trainer = GRPOTrainer(cfg)
+    names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.step(0)
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed and all("lora_" in n for n in changed)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--preset", "mixgrp"], "unknown preset 'mixgrp'; did you mean 'mixgrpo'"),
+        (["--set", "optim.lrr=1"], "unknown config key 'optim.lrr'; did you mean optim.'lr'"),
+        (["--set", "schedule.size=30"], "larger than the 24 trainable steps"),
+        (["--set", "group_size=1"], "group_size must be >= 2"),
+        (["--set", "optim.lr=fast"], "optim.lr must be float"),
+        (["--set", "iterations"], "--set expects key=value"),
+        (["--resume"], "holds no run"),
+    ],
+)
+def test_bad_train_input_fails_with_one_clear_line(tmp_path, args, match):
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "run"), *args])
+    assert result.exit_code == 2, result.output
+    assert match in " ".join(result.output.split())
+
+
+def test_existing_run_is_never_overwritten(tiny_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("precious\n")
+    result = CliRunner().invoke(app, ["train", "--out", str(out), "--set", f"model.checkpoint={tiny_checkpoint}"])
+    assert result.exit_code == 2 and "already holds a run" in " ".join(result.output.split())
+    assert (out / "metrics.jsonl").read_text() == "precious\n"
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    result = CliRunner().invoke(app, ["train", "--out", str(blocked / "sub"), "--set",
+                                      f"model.checkpoint={tiny_checkpoint}"])
+    assert result.exit_code == 2 and "choose a writable --out" in " ".join(result.output.split())
