@@ -7,7 +7,10 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: venv dev test test-slow lint clean
+DEMO_OUT ?= runs/demo
+DEMO_ARGS ?=
+
+.PHONY: venv install dev demo test test-slow lint clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +25,19 @@ $(VENV)/.dev: $(VENV)/.created pyproject.toml
 	touch $@
 
 dev: $(VENV)/.dev
+
+$(VENV)/.installed: $(VENV)/.created pyproject.toml
+	$(PIP) install --quiet -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+# The main job on the embedded default: GRPO (MixGRPO preset) on the shipped tiny model.
+# An earlier runs/demo is kept, renamed with a timestamp, never overwritten.
+demo: install
+	@if [ -e $(DEMO_OUT) ]; then mv $(DEMO_OUT) $(DEMO_OUT).$$(date +%Y%m%d-%H%M%S); fi
+	$(VENV)/bin/mixgrpo train --preset mixgrpo --out $(DEMO_OUT) $(DEMO_ARGS)
+	@echo "pictures: $(DEMO_OUT)/samples/  curves: $(DEMO_OUT)/reward_curve.png $(DEMO_OUT)/eval_curve.png"
 
 # pytest exits 5 when it collects nothing; that must fail, and it does (non-zero).
 test: dev

@@ -33,7 +33,7 @@ def test_pretrain_cli_writes_a_loadable_checkpoint_and_lowers_the_loss(tmp_path)
 
 @pytest.mark.parametrize(
     ("args", "match"),
-    [(["--steps", "0"], "steps and batch_size must be >= 1"), (["--minutes", "-1"], "minutes must be > 0"),
+    [(["--steps", "0"], "steps, batch_size and save_every must be >= 1"), (["--minutes", "-1"], "minutes must be > 0"),
      (["--width", "30", "--heads", "4"], "divisible by heads")],
 )
 def test_pretrain_bad_flags_fail_with_one_line(tmp_path, args, match):

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from mixgrpo.world import (
     COLOURS,
     HELD_OUT_PAIRS,
+    RELATIONS,
+    SHAPES,
     CountSpec,
     PromptError,
     RelationSpec,
@@ -17,6 +20,7 @@ from mixgrpo.world import (
     perturb_one_attribute,
     render,
     sample_pairs,
+    shape_template,
     split_prompts,
 )
 
@@ -60,6 +64,7 @@ def test_perturbation_changes_exactly_one_attribute():
         other = perturb_one_attribute(spec, rng)
         changed = [f for f in spec.__dataclass_fields__ if getattr(spec, f) != getattr(other, f)]
         assert len(changed) == 1
+        assert parse_prompt(format_prompt(other)) == other  # still inside the grammar
 
 
 def test_renders_are_deterministic_and_use_only_world_colours():
@@ -73,27 +78,59 @@ def test_renders_are_deterministic_and_use_only_world_colours():
     assert pixels <= colours
 
 
-def test_relation_geometry_and_counts():
-    rng = np.random.default_rng(5)
-    for relation in ("left of", "right of", "above", "below"):
-        spec = RelationSpec("red", "circle", relation, "blue", "square")
-        img = render(spec, rng)
-        ys_a, xs_a = np.nonzero((img == COLOURS["red"]).all(-1))
-        ys_b, xs_b = np.nonzero((img == COLOURS["blue"]).all(-1))
-        dx, dy = xs_b.mean() - xs_a.mean(), ys_b.mean() - ys_a.mean()
-        along = {"left of": dx, "right of": -dx, "above": dy, "below": -dy}[relation]
-        assert along >= 9.5
-    img = render(CountSpec(4, "green", "triangle"), rng)
-    from scipy import ndimage
+def _components(img: np.ndarray, colour: str) -> list[tuple[slice, slice]]:
+    labels, _ = ndimage.label((img == COLOURS[colour]).all(-1), structure=np.ones((3, 3)))
+    return ndimage.find_objects(labels)
 
-    _, n = ndimage.label((img == COLOURS["green"]).all(-1), structure=np.ones((3, 3)))
-    assert n == 4
+
+@pytest.mark.parametrize("relation", RELATIONS)
+def test_relation_geometry_is_unambiguous(relation):
+    rng = np.random.default_rng(5)
+    for size in (24, 32, 48):
+        unit = size / 32
+        for _ in range(20):
+            img = render(RelationSpec("red", "triangle", relation, "blue", "square"), rng, size)
+            ys_a, xs_a = np.nonzero((img == COLOURS["red"]).all(-1))
+            ys_b, xs_b = np.nonzero((img == COLOURS["blue"]).all(-1))
+            dx, dy = xs_b.mean() - xs_a.mean(), ys_b.mean() - ys_a.mean()  # pixel centroids, B from A
+            along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
+            assert along >= 10 * unit - 1e-9 and abs(across) <= along / 2 + 1e-9, (size, dx, dy)
+
+
+@pytest.mark.parametrize("size", [24, 32, 48, 64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_four_objects_are_separate_countable_and_2px_apart(size, shape):
+    rng = np.random.default_rng(6)
+    for _ in range(10):
+        boxes = _components(render(CountSpec(4, "green", shape), rng, size), "green")
+        assert len(boxes) == 4
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1 :]:
+                gap_y = max(b[0].start - a[0].stop, a[0].start - b[0].stop)
+                gap_x = max(b[1].start - a[1].stop, a[1].start - b[1].stop)
+                assert max(gap_x, gap_y) >= 2  # background pixels between the bounding boxes
+
+
+@pytest.mark.parametrize("size", [24, 28, 32, 40, 48, 64, 96, 128])
+def test_shape_templates_have_well_separated_fill_ratios(size):
+    fill = {s: shape_template(s, size).mean() for s in SHAPES}
+    assert fill["square"] == 1.0
+    assert 0.74 <= fill["circle"] <= 0.83, fill
+    assert 0.45 <= fill["triangle"] <= 0.55, fill
+    unit = size / 32
+    assert 7.5 * unit <= shape_template("circle", size).shape[0] <= 10.5 * unit + 1
 
 
 def test_render_bad_size_and_sample_bad_inputs():
     with pytest.raises(ValueError, match="image size must be >= 24"):
         render(CountSpec(1, "red", "circle"), np.random.default_rng(0), size=16)
+    with pytest.raises(TypeError, match="pass a CountSpec or RelationSpec"):
+        render("one red circle", np.random.default_rng(0))
     with pytest.raises(ValueError, match="n must be >= 1"):
         sample_pairs(0, seed=0)
+    with pytest.raises(ValueError, match="prompt list is empty"):
+        sample_pairs(1, seed=0, prompts=[])
+    with pytest.raises(PromptError, match="unknown word"):
+        sample_pairs(1, seed=0, prompts=["one pink circle"])
     _, big = sample_pairs(2, seed=0, size=48)
     assert big.shape == (2, 3, 48, 48)

@@ -46,13 +46,14 @@ class PretrainConfig:
     cond_dropout: float = 0.1  # probability of the null condition, for CFG
     seed: int = 0
     log_every: int = 25
+    save_every: int = 500  # write the EMA checkpoint this often, so a killed run keeps its progress
     model: TinyDiTConfig = field(default_factory=TinyDiTConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = TinyDiTConfig(**self.model)
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
+        if self.steps < 1 or self.batch_size < 1 or self.save_every < 1:
+            raise ValueError(f"steps, batch_size and save_every must be >= 1, got {self.steps}, {self.batch_size}, {self.save_every}")
         if self.minutes is not None and not self.minutes > 0:
             raise ValueError(f"minutes must be > 0, got {self.minutes}")
         if not 0 <= self.cond_dropout < 1:
@@ -119,6 +120,16 @@ def pretrain(
     losses: list[tuple[int, float]] = []
     metrics = (out / "metrics.jsonl").open("w")
     running, steps_done = None, 0
+
+    def provenance(done: int) -> dict:
+        return {
+            "pretrain": {**asdict(cfg), "model": cfg.model.to_dict()},
+            "steps_done": done,
+            "wall_s": round(time.monotonic() - start, 1),
+            "final_loss_ema": running,
+            "command": command or " ".join(sys.argv),
+            "torch": torch.__version__,
+        }
     for step in range(cfg.steps):
         if cfg.minutes is not None and time.monotonic() - start > 60 * cfg.minutes:
             break
@@ -161,16 +172,10 @@ def pretrain(
             metrics.flush()
         if on_step is not None:
             on_step(step, running)
+        if steps_done % cfg.save_every == 0:
+            save_tiny_dit(ema, out, provenance(steps_done))
     metrics.close()
-    wall = time.monotonic() - start
-    save_tiny_dit(ema, out, {
-        "pretrain": {**asdict(cfg), "model": cfg.model.to_dict()},
-        "steps_done": steps_done,
-        "wall_s": round(wall, 1),
-        "final_loss_ema": running,
-        "command": command or " ".join(sys.argv),
-        "torch": torch.__version__,
-    })
+    save_tiny_dit(ema, out, provenance(steps_done))
     if losses:
         save_curve(out / "loss.png", [s for s, _ in losses], {"loss (EMA)": [v for _, v in losses]}, "step",
                    "rectified-flow loss")

@@ -5,7 +5,7 @@ A reward maps a batch of images and their prompts to one score per image::
     class MyReward:
         name = "my-reward"
         def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-            # images: (B, 3, H, W) floats in [0, 1]; returns (B,) float32
+            # images: (B, 3, H, W) floats in [0, 1]; returns (B,) float32 (CPU)
             ...
 
 Register it with ``@register_reward("my-reward")`` (or the ``mixgrpo.rewards`` entry-point
@@ -26,6 +26,8 @@ __all__ = ["Reward", "check_images", "get_reward", "list_rewards", "register_rew
 
 @runtime_checkable
 class Reward(Protocol):
+    """Scores ``(B, 3, H, W)`` images in [0, 1] against their prompts: ``(B,)`` float32 on the CPU."""
+
     name: str
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor: ...
@@ -35,12 +37,19 @@ _REGISTRY: dict[str, Callable[..., Reward]] = {}
 _ENTRY_POINTS_LOADED = False
 
 
-def register_reward(name: str):
-    """Class decorator adding a reward factory to the registry under ``name``."""
+def register_reward(name: str) -> Callable[[type], type]:
+    """Class decorator adding a reward class (or factory) to the registry.
+
+    Args:
+        name: the name configs use; also set as the class's ``name`` attribute.
+
+    Returns:
+        The decorator, which returns the class unchanged apart from ``name``.
+    """
 
     def wrap(cls):
         if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"a reward named {name!r} is already registered ({_REGISTRY[name]!r})")
+            raise ValueError(f"a reward named {name!r} is already registered ({_REGISTRY[name]!r}); pick another name")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -59,12 +68,21 @@ def _load_entry_points() -> None:
 
 
 def list_rewards() -> list[str]:
+    """Names of the registered rewards, sorted."""
     _load_entry_points()
     return sorted(_REGISTRY)
 
 
 def get_reward(name: str, **kwargs) -> Reward:
-    """Instantiate the reward registered as ``name``."""
+    """Instantiate the reward registered as ``name``.
+
+    Args:
+        name: a registered name (see :func:`list_rewards`).
+        **kwargs: passed to the reward's constructor.
+
+    Raises:
+        ValueError: ``name`` is not registered; the message lists the registered names.
+    """
     _load_entry_points()
     if name not in _REGISTRY:
         raise ValueError(f"unknown reward {name!r}; registered rewards: {', '.join(sorted(_REGISTRY)) or 'none'}")
@@ -72,10 +90,17 @@ def get_reward(name: str, **kwargs) -> Reward:
 
 
 def check_images(images: torch.Tensor, prompts: list[str]) -> None:
-    """Raise ``ValueError`` for a batch no reward should silently score."""
+    """Raise ``ValueError`` for a batch no reward should silently score.
+
+    Args:
+        images: ``(B, 3, H, W)`` floating-point images in [0, 1].
+        prompts: one prompt per image.
+    """
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"expected images of shape (B, 3, H, W) with values in [0, 1], got {shape}")
+        raise ValueError(f"expected images of shape (B, 3, H, W), got {shape}; pass RGB batches channels-first")
+    if not images.is_floating_point():
+        raise ValueError(f"expected floating-point images in [0, 1], got dtype {images.dtype}; divide uint8 images by 255")
     if len(prompts) != images.shape[0]:
         raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts; pass one prompt per image")
     if not torch.isfinite(images).all():
@@ -83,17 +108,26 @@ def check_images(images: torch.Tensor, prompts: list[str]) -> None:
 
 
 def validate_reward_output(values: torch.Tensor, batch: int, name: str) -> torch.Tensor:
-    """A reward's output as ``(B,)`` float32, or a ``ValueError`` naming the reward."""
+    """A reward's output as ``(B,)`` float32.
+
+    Args:
+        values: what the reward returned.
+        batch: the number of images scored.
+        name: the reward's name, for the error message.
+
+    Raises:
+        ValueError: wrong shape, or NaN/Inf scores.
+    """
     values = torch.as_tensor(values, dtype=torch.float32)
     if values.shape != (batch,):
         raise ValueError(f"reward {name!r} returned shape {tuple(values.shape)}; expected ({batch},), one score per image")
     if not torch.isfinite(values).all():
         bad = int((~torch.isfinite(values)).sum())
-        raise ValueError(f"reward {name!r} returned {bad} non-finite score(s) (NaN/Inf)")
+        raise ValueError(f"reward {name!r} returned {bad} non-finite score(s) (NaN/Inf); fix the reward")
     return values
 
 
 def score(reward: Reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """Check inputs, call ``reward``, check its output."""
+    """Check the inputs, call ``reward`` and check its output; returns ``(B,)`` float32."""
     check_images(images, prompts)
     return validate_reward_output(reward(images, prompts), images.shape[0], getattr(reward, "name", repr(reward)))

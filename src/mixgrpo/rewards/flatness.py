@@ -20,17 +20,24 @@ __all__ = ["FlatnessReward"]
 
 @register_reward("flatness")
 class FlatnessReward:
+    """Prompt-blind closeness of every pixel to the world's flat colours, in (0, 1].
+
+    Args:
+        tolerance: the Gaussian width in [0, 1] RGB units (0.1 by default).
+    """
+
     name = "flatness"
 
     def __init__(self, tolerance: float = 0.1):
         if not tolerance > 0:
-            raise ValueError(f"tolerance must be > 0, got {tolerance}")
+            raise ValueError(f"tolerance must be > 0, got {tolerance}; 0.1 is the default")
         self.tolerance = tolerance
         self._palette = torch.tensor([BACKGROUND, *COLOURS.values()], dtype=torch.float32) / 255.0
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Score ``(B, 3, H, W)`` images in [0, 1]; ``prompts`` are only length-checked."""
         check_images(images, prompts)
-        pixels = images.detach().float().permute(0, 2, 3, 1).reshape(-1, 3)
+        pixels = images.detach().to("cpu", torch.float32).permute(0, 2, 3, 1).reshape(-1, 3)
         d = torch.cdist(pixels, self._palette).min(dim=1).values
         closeness = torch.exp(-(d**2) / (2 * self.tolerance**2))
         return closeness.view(images.shape[0], -1).mean(dim=1)

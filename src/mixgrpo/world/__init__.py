@@ -17,13 +17,14 @@ from .grammar import (
     perturb_one_attribute,
     split_prompts,
 )
-from .render import render, sample_pairs
+from .render import MIN_SIZE, render, sample_pairs, shape_template
 
 __all__ = [
     "BACKGROUND",
     "COLOURS",
     "COUNT_WORDS",
     "HELD_OUT_PAIRS",
+    "MIN_SIZE",
     "RELATIONS",
     "SHAPES",
     "CountSpec",
@@ -36,5 +37,6 @@ __all__ = [
     "perturb_one_attribute",
     "render",
     "sample_pairs",
+    "shape_template",
     "split_prompts",
 ]

@@ -56,6 +56,8 @@ class PromptError(ValueError):
 
 @dataclass(frozen=True)
 class CountSpec:
+    """``count`` objects of one colour and shape, and nothing else ("three blue squares")."""
+
     count: int
     colour: str
     shape: str
@@ -63,15 +65,18 @@ class CountSpec:
     def __post_init__(self) -> None:
         _check_object(self.colour, self.shape)
         if not 1 <= self.count <= len(COUNT_WORDS):
-            raise PromptError(f"count must be in [1, {len(COUNT_WORDS)}], got {self.count}")
+            raise PromptError(f"count must be in [1, {len(COUNT_WORDS)}], got {self.count}; use one to four")
 
     @property
     def pairs(self) -> tuple[tuple[str, str], ...]:
+        """The (colour, shape) pairs the prompt mentions."""
         return ((self.colour, self.shape),)
 
 
 @dataclass(frozen=True)
 class RelationSpec:
+    """Object A in a spatial relation to a different object B ("a red circle left of a blue square")."""
+
     colour_a: str
     shape_a: str
     relation: str
@@ -84,10 +89,14 @@ class RelationSpec:
         if self.relation not in RELATIONS:
             raise PromptError(f"unknown relation {self.relation!r}; known: {', '.join(RELATIONS)}")
         if (self.colour_a, self.shape_a) == (self.colour_b, self.shape_b):
-            raise PromptError("the two objects of a relation prompt must differ in colour or shape")
+            raise PromptError(
+                f"the two objects of a relation prompt must differ in colour or shape, got "
+                f"'{self.colour_a} {self.shape_a}' twice; change one of them"
+            )
 
     @property
     def pairs(self) -> tuple[tuple[str, str], ...]:
+        """The (colour, shape) pairs the prompt mentions, A first."""
         return ((self.colour_a, self.shape_a), (self.colour_b, self.shape_b))
 
 
@@ -102,6 +111,7 @@ def _check_object(colour: str, shape: str) -> None:
 
 
 def format_prompt(spec: Spec) -> str:
+    """The canonical prompt text of ``spec`` (lower case, single spaces)."""
     if isinstance(spec, CountSpec):
         noun = spec.shape if spec.count == 1 else spec.shape + "s"
         return f"{COUNT_WORDS[spec.count - 1]} {spec.colour} {noun}"
@@ -118,8 +128,18 @@ _VOCABULARY = frozenset(
 
 
 def parse_prompt(text: str) -> Spec:
-    """Parse a prompt of the grammar; anything else raises :class:`PromptError` naming the
-    words it does not know (or the form it does not match)."""
+    """Parse a prompt of the grammar (case and extra whitespace are ignored).
+
+    Args:
+        text: a prompt such as "two red circles" or "a red circle left of a blue square".
+
+    Returns:
+        The :class:`CountSpec` or :class:`RelationSpec` it describes.
+
+    Raises:
+        PromptError: the text is outside the grammar; the message names the unknown words,
+            or the expected forms when every word is known.
+    """
     norm = " ".join(str(text).lower().split())
     match = _COUNT_RE.match(norm)
     if match:
@@ -166,13 +186,24 @@ def split_prompts() -> tuple[list[str], list[str]]:
     return train, heldout
 
 
-def _other(options, current, rng: np.random.Generator):
+def _other(options: list, current: object, rng: np.random.Generator) -> object:
     choices = [o for o in options if o != current]
     return choices[int(rng.integers(len(choices)))]
 
 
 def perturb_one_attribute(spec: Spec, rng: np.random.Generator) -> Spec:
-    """The same spec with exactly one attribute changed to another valid value."""
+    """The same spec with exactly one attribute changed to another valid value.
+
+    Args:
+        spec: the spec to perturb.
+        rng: picks the attribute and its new value.
+
+    Returns:
+        A valid spec differing from ``spec`` in exactly one field (count, colour or shape of
+        a count prompt; relation or one object's colour or shape of a relation prompt).
+    """
+    if not isinstance(spec, CountSpec | RelationSpec):
+        raise TypeError(f"cannot perturb {spec!r}; pass a CountSpec or RelationSpec (see parse_prompt)")
     for _ in range(100):
         if isinstance(spec, CountSpec):
             field = ("count", "colour", "shape")[int(rng.integers(3))]
