@@ -178,3 +178,17 @@ def test_existing_run_is_never_overwritten(tiny_checkpoint, tmp_path):
     result = CliRunner().invoke(app, ["train", "--out", str(blocked / "sub"), "--set",
                                       f"model.checkpoint={tiny_checkpoint}"])
     assert result.exit_code == 2 and "choose a writable --out" in " ".join(result.output.split())
+
+
+def test_bf16_autocast_and_ema(tiny_checkpoint):
+    cfg = tiny_config(tiny_checkpoint, "mixgrpo", "model.dtype=bfloat16", "optim.ema=0.9", "optim.lr=1e-3")
+    trainer = GRPOTrainer(cfg)
+    start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    row = trainer.step(0)
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in row.items() if isinstance(v, float))
+    state = trainer.trainable_state()
+    name = "blocks.0.qkv.weight"
+    # EMA lags the weights: it moved from the start, but only part of the way
+    assert not torch.equal(state[name], start[name])
+    ema_step = (state[f"ema.{name}"] - start[name]).abs().sum()
+    assert 0 < ema_step < (state[name] - start[name]).abs().sum()

@@ -135,6 +135,8 @@ def _summarise(out: Path, cfg: TrainConfig, trainer: GRPOTrainer, wall: float) -
         "final_eval_reward": evals[-1]["reward_mean"],
         "initial_eval_composition": evals[0].get("reward_composition"),
         "final_eval_composition": evals[-1].get("reward_composition"),
+        "initial_eval_flatness": evals[0].get("reward_flatness"),
+        "final_eval_flatness": evals[-1].get("reward_flatness"),
         "eval_gain": evals[-1]["reward_mean"] - evals[0]["reward_mean"],
         "wall_time_s": round(wall, 1),
         "model_passes_per_image": sum(m["model_passes_per_image"] for m in metrics) / len(metrics),

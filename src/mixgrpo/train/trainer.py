@@ -9,6 +9,7 @@ resumed run repeats the uninterrupted one exactly.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from contextlib import nullcontext
@@ -74,13 +75,7 @@ class GRPOTrainer:
         s = cfg.sampler
         self.noise = SDENoise(s.sde_kind, s.noise_level)
         self.grid = uniform_grid(s.num_steps, shift=s.shift)
-        sc = cfg.schedule
-        self.schedule = WindowSchedule(
-            name=sc.name, num_steps=s.num_steps, size=sc.size, stride=sc.stride, interval=sc.interval,
-            min_interval=sc.min_interval, exp_decay_k=sc.exp_decay_k, exp_decay_threshold=sc.exp_decay_threshold,
-            start=sc.start, max_start=sc.max_start, rollback=sc.rollback, low=sc.low, high=sc.high,
-            fraction=sc.fraction, seed=cfg.seed,
-        )
+        self.schedule = WindowSchedule(num_steps=s.num_steps, seed=cfg.seed, **dataclasses.asdict(cfg.schedule))
         self.autocast = (
             torch.autocast("cpu", dtype=torch.bfloat16) if cfg.model.dtype == "bfloat16" else nullcontext()
         )
@@ -143,7 +138,8 @@ class GRPOTrainer:
         self.model.eval()
         out = sample(lambda x, t: self.velocity(x, t, cond), x1, plan, self.noise, reduction=cfg.loss.reduction,
                      generator=gen, keep_moments=cfg.loss.kl_beta > 0)
-        positions = [i for i, k in enumerate(out.transitions.step_index) if k in set(trained)]
+        trained_set = set(trained)
+        positions = [i for i, k in enumerate(out.transitions.step_index) if k in trained_set]
         images = ((out.x0 + 1) / 2).clamp(0, 1)
         return RolloutBatch(prompts, cond, out, images, positions, plan)
 
@@ -228,8 +224,8 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, *, seed: int = 0) -> tuple[dict[str, Any], torch.Tensor]:
-        """Held-out prompts, one deterministic ODE sample each, every training reward plus
-        ``composition``. Returns the row and the images."""
+        """Held-out prompts, one deterministic ODE sample each, scored by every training
+        reward plus ``composition`` and ``flatness``. Returns the row and the images."""
         from ..pretrain import generate
 
         self.model.eval()
@@ -242,7 +238,9 @@ class GRPOTrainer:
                 images.append(generate(self.model, cond, steps=s.num_steps, shift=s.shift, guidance=s.guidance,
                                        seed=seed + i).float())
         images = torch.cat(images)
-        names = dict.fromkeys([*self.cfg.rewards, "composition"])
+        # the embedded rewards are always reported, so reward hacking shows (e.g. noise
+        # that composition ignores lowers flatness)
+        names = dict.fromkeys([*self.cfg.rewards, "composition", "flatness"])
         rewards = {n: score(self.rewards.get(n) or get_reward(n), images, self.eval_prompts) for n in names}
         weights = self.cfg.rewards
         total = sum(weights[n] * rewards[n] for n in weights) / sum(weights.values())
@@ -251,22 +249,22 @@ class GRPOTrainer:
         return row, images
 
     # ------------------------------------------------------------------ state
-    def trainable_state(self) -> dict[str, torch.Tensor]:
+    def _param_names(self) -> list[str]:
         names = {id(p): n for n, p in self.model.named_parameters()}
-        state = {names[id(p)]: p.detach().clone() for p in self.params}
+        return [names[id(p)] for p in self.params]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Trained parameters (and their EMA as ``ema.<name>``), for checkpoints."""
+        state = {n: p.detach().clone() for n, p in zip(self._param_names(), self.params, strict=True)}
         if self.ema is not None:
-            state.update({f"ema.{names[id(p)]}": e.clone() for p, e in zip(self.params, self.ema, strict=True)})
+            state.update({f"ema.{n}": e.clone() for n, e in zip(self._param_names(), self.ema, strict=True)})
         return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        named = dict(self.model.named_parameters())
         with torch.no_grad():
-            for p in self.params:
-                name = next(n for n, q in named.items() if q is p)
+            for i, (name, p) in enumerate(zip(self._param_names(), self.params, strict=True)):
                 p.copy_(state[name])
-            if self.ema is not None:
-                for i, p in enumerate(self.params):
-                    name = next(n for n, q in named.items() if q is p)
+                if self.ema is not None:
                     self.ema[i].copy_(state[f"ema.{name}"])
 
     def write_metrics(self, path: Path, row: dict[str, Any]) -> None:
