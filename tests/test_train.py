@@ -21,7 +21,7 @@ from mixgrpo.train.trainer import GRPOTrainer
 TINY = TinyDiTConfig(width=32, depth=2, heads=2)
 
 
-@register_reward("test-brightness")
+@register_reward("test-train-brightness")
 class Brightness:
     """Toy reward with a known optimum: brighter is better."""
 
@@ -43,7 +43,7 @@ def tiny_config(checkpoint: str, preset: str = "mixgrpo", *extra: str):
     return apply_overrides(make_preset(preset), [
         f"model.checkpoint={checkpoint}", "iterations=4", "prompts_per_iter=2", "group_size=4",
         "sampler.num_steps=8", "eval_prompts=8", "eval_every=2", "checkpoint_every=2", "schedule.interval=1",
-        "schedule.size=2", "optim.micro_batch=4", "rewards={test-brightness: 1.0}", *extra,
+        "schedule.size=2", "optim.micro_batch=4", "rewards={test-train-brightness: 1.0}", *extra,
     ])
 
 
@@ -80,10 +80,10 @@ def test_toy_reward_moves_samples_the_right_way(tiny_checkpoint):
     cfg = tiny_config(tiny_checkpoint, "mixgrpo", "optim.lr=3e-3",
                       "iterations=12", "group_size=8", "sampler.noise_level=1.0", "schedule.size=4")
     trainer = GRPOTrainer(cfg)
-    before = trainer.evaluate()[0]["reward_test-brightness"]
+    before = trainer.evaluate()[0]["reward_test-train-brightness"]
     for i in range(cfg.iterations):
         trainer.step(i)
-    after = trainer.evaluate()[0]["reward_test-brightness"]
+    after = trainer.evaluate()[0]["reward_test-train-brightness"]
     assert after > before + 0.02, (before, after)
 
 
