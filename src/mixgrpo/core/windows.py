@@ -12,12 +12,11 @@ moves by the stride ``s`` every ``interval`` iterations, ``l <- min(l + s, l_max
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["WINDOW_SCHEDULES", "WindowSchedule", "make_window_schedule", "window_starts"]
+__all__ = ["WINDOW_SCHEDULES", "WindowSchedule", "make_window_schedule"]
 
 WINDOW_SCHEDULES: tuple[str, ...] = (
     "progressive",  # MixGRPO: slide from noisy to clean every `interval` iterations
@@ -173,8 +172,3 @@ class WindowSchedule:
 def make_window_schedule(name: str, num_steps: int, **kwargs) -> WindowSchedule:
     """Build a schedule by name; unknown names and bad sizes raise ``ValueError``."""
     return WindowSchedule(name=name, num_steps=num_steps, **kwargs)
-
-
-def window_starts(schedule: WindowSchedule, iterations: Sequence[int]) -> list[int]:
-    """Window start per iteration, for logging and plots."""
-    return [schedule.steps(i)[0] for i in iterations]

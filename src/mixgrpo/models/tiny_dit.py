@@ -59,9 +59,6 @@ class TextCondition:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
-    def repeat_interleave(self, n: int) -> TextCondition:
-        return TextCondition(*(t.repeat_interleave(n, dim=0) for t in (self.tokens, self.mask, self.pooled)))
-
     def index(self, idx: torch.Tensor | slice) -> TextCondition:
         return TextCondition(self.tokens[idx], self.mask[idx], self.pooled[idx])
 

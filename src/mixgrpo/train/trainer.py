@@ -28,6 +28,7 @@ from ..core.steps import SDENoise, gaussian_log_prob, sde_moments
 from ..core.windows import WindowSchedule
 from ..models.checkpoint import load_tiny_dit
 from ..models.tiny_dit import TextCondition, TinyDiT
+from ..pretrain import condition
 from ..rewards import get_reward, score
 from ..text import cached_embeddings
 from ..world.grammar import split_prompts
@@ -129,7 +130,7 @@ class GRPOTrainer:
         rng = np.random.default_rng([cfg.seed, iteration, 1])
         picks = rng.choice(len(self.train_prompts), size=cfg.prompts_per_iter, replace=False)
         prompts = [self.train_prompts[i] for i in picks for _ in range(cfg.group_size)]
-        cond = TextCondition(*self.embeddings.lookup(prompts))
+        cond = condition(self.embeddings, prompts)
         gen = _generator(cfg.seed, iteration, 2)
         mc = self.model.config
         x1 = initial_noise(cfg.prompts_per_iter, cfg.group_size, (mc.channels, mc.image_size, mc.image_size),
@@ -233,7 +234,7 @@ class GRPOTrainer:
         images = []
         for i in range(0, len(self.eval_prompts), 64):
             chunk = self.eval_prompts[i : i + 64]
-            cond = TextCondition(*self.embeddings.lookup(chunk))
+            cond = condition(self.embeddings, chunk)
             with self.autocast:
                 images.append(generate(self.model, cond, steps=s.num_steps, shift=s.shift, guidance=s.guidance,
                                        seed=seed + i).float())

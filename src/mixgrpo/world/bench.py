@@ -67,8 +67,7 @@ def evaluate_checkpoint(
     """Sample one image per prompt with a 25-step Euler ODE and score it."""
     # Model imports stay local so the reward benchmark runs without them.
     from ..models.checkpoint import load_tiny_dit
-    from ..models.tiny_dit import TextCondition
-    from ..pretrain import generate
+    from ..pretrain import condition, generate
     from ..text import cached_embeddings
 
     model = load_tiny_dit(checkpoint)
@@ -77,7 +76,7 @@ def evaluate_checkpoint(
     scores, images, start = [], [], time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
-        imgs = generate(model, TextCondition(*embeddings.lookup(chunk)), steps=steps, guidance=guidance, seed=seed + i)
+        imgs = generate(model, condition(embeddings, chunk), steps=steps, guidance=guidance, seed=seed + i)
         images.append(imgs)
         scores.append(reward(imgs, chunk))
     seconds = time.perf_counter() - start
