@@ -10,41 +10,15 @@ from typer.testing import CliRunner
 
 from mixgrpo.cli import app
 from mixgrpo.core.accounting import count_model_passes
-from mixgrpo.models.checkpoint import save_tiny_dit
-from mixgrpo.models.tiny_dit import TinyDiT, TinyDiTConfig
-from mixgrpo.rewards import register_reward
-from mixgrpo.train.config import apply_overrides
-from mixgrpo.train.presets import PRESETS, make_preset
+from mixgrpo.train.presets import PRESETS
 from mixgrpo.train.run import train
 from mixgrpo.train.trainer import GRPOTrainer
-
-TINY = TinyDiTConfig(width=32, depth=2, heads=2)
-
-
-@register_reward("test-train-brightness")
-class Brightness:
-    """Toy reward with a known optimum: brighter is better."""
-
-    def __call__(self, images, prompts):
-        return images.mean(dim=(1, 2, 3))
+from tiny_runs import make_tiny_checkpoint, tiny_config
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = TinyDiT(TINY)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return str(save_tiny_dit(model, tmp_path_factory.mktemp("ckpt") / "tiny"))
-
-
-def tiny_config(checkpoint: str, preset: str = "mixgrpo", *extra: str):
-    return apply_overrides(make_preset(preset), [
-        f"model.checkpoint={checkpoint}", "iterations=4", "prompts_per_iter=2", "group_size=4",
-        "sampler.num_steps=8", "eval_prompts=8", "eval_every=2", "checkpoint_every=2", "schedule.interval=1",
-        "schedule.size=2", "optim.micro_batch=4", "rewards={test-train-brightness: 1.0}", *extra,
-    ])
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 def test_ratio_is_exactly_one_before_the_first_update(tiny_checkpoint):

@@ -108,6 +108,141 @@ def train(
     console.print(f"samples: {out / 'samples'}  curves: {out / 'reward_curve.png'}, {out / 'eval_curve.png'}")
 
 
+def _parse_blends(blend: str) -> list[float]:
+    try:
+        values = [float(b) for b in blend.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"--blend takes numbers in [0, 1] (e.g. 0.2 or 0,0.1,0.2), got {blend!r}") from None
+    bad = [b for b in values if not 0 <= b <= 1]
+    if not values or bad:
+        raise ValueError(f"--blend must be in [0, 1] (0.2 = MixGRPO's 80/20), got {blend!r}")
+    return values
+
+
+def _load_prompts(prompt: list[str] | None, prompts: str | None, limit: int | None = None) -> list[str]:
+    from .data import read_prompt_file
+
+    if bool(prompt) == bool(prompts):
+        raise ValueError("pass either --prompt TEXT (repeatable) or --prompts FILE, not both or neither")
+    if prompts == "heldout":
+        from .world.bench import heldout_eval_prompts
+
+        chosen = heldout_eval_prompts()
+    else:
+        chosen = list(prompt) if prompt else read_prompt_file(prompts)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {limit}")
+        chosen = chosen[:limit]
+    return chosen
+
+
+@app.command()
+def sample(
+    out: Annotated[Path, typer.Option(help="Image grid PNG to write.")],
+    checkpoint: Annotated[str, typer.Option(help="'base', a model/adapter folder, or a `mixgrpo train` run folder.")] = "base",
+    prompt: Annotated[list[str] | None, typer.Option(help="A prompt (repeatable).")] = None,
+    prompts: Annotated[str | None, typer.Option(help="Prompt file: .txt (one per line), .json or .jsonl with a 'prompt' field; or 'heldout'.")] = None,
+    steps: Annotated[int, typer.Option(help="ODE steps.")] = 25,
+    solver: Annotated[str, typer.Option(help="ODE solver: euler, dpm2 or dpm3 (DPM-Solver++).")] = "euler",
+    blend: Annotated[float, typer.Option(help="Final fraction of steps run with the base model (0.2 = MixGRPO's 80/20).")] = 0.0,
+    cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
+    images_dir: Annotated[Path | None, typer.Option(help="Also write each image as its own PNG in this folder.")] = None,
+) -> None:
+    """Generate images with a checkpoint: a captioned grid (and single PNGs on request)."""
+    from .inference.generate import generate_prompts
+    from .inference.policy import load_policy
+    from .text import cached_embeddings
+    from .viz import save_image_grid, save_images
+
+    try:
+        chosen = _load_prompts(prompt, prompts)
+        if steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {steps}")
+        _parse_blends(str(blend))
+        policy = load_policy(checkpoint)
+        images = generate_prompts(policy, cached_embeddings(list(dict.fromkeys(chosen))), chosen, seed=seed, steps=steps,
+                                  solver=solver, guidance=cfg, blend=blend, base=policy.base)
+        save_image_grid(out, images, chosen)
+        if images_dir is not None:
+            save_images(images_dir, images)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        _fail(str(err))
+    console.print(f"wrote {out}" + (f" and {len(chosen)} images in {images_dir}" if images_dir else ""))
+
+
+@app.command(name="eval")
+def eval_(
+    out: Annotated[Path, typer.Option(help="JSON file to write (a Markdown table goes beside it).")],
+    checkpoint: Annotated[list[str] | None, typer.Option(help="'base', a model/adapter folder or a run folder (repeatable).")] = None,
+    prompts: Annotated[str, typer.Option(help="Prompt file (.txt, .json, .jsonl) or 'heldout' (the 256 held-out prompts training evaluates on).")] = "heldout",
+    rewards: Annotated[str, typer.Option(help="Comma-separated reward names.")] = "composition,flatness",
+    blend: Annotated[str, typer.Option(help="Base-model blend fraction(s), e.g. 0.2 or 0,0.1,0.2,0.3.")] = "0",
+    seeds: Annotated[int, typer.Option(help="Samples per prompt (scores are averaged per prompt).")] = 1,
+    steps: Annotated[int, typer.Option(help="ODE steps.")] = 25,
+    solver: Annotated[str, typer.Option(help="ODE solver: euler, dpm2 or dpm3.")] = "euler",
+    cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).")] = 1.0,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
+) -> None:
+    """Score checkpoints on a prompt set: mean, std, 95% CI per reward, and per-prompt scores."""
+    import json
+
+    from .inference.evaluate import evaluate_policy, markdown_table
+    from .inference.policy import load_policy
+    from .rewards import get_reward
+
+    try:
+        chosen = _load_prompts(None, prompts, limit)
+        blends = _parse_blends(blend)
+        if seeds < 1 or steps < 1:
+            raise ValueError(f"--seeds and --steps must be >= 1, got {seeds} and {steps}")
+        names = [r.strip() for r in rewards.split(",") if r.strip()]
+        if not names:
+            raise ValueError("--rewards is empty; name at least one reward, e.g. composition")
+        for name in names:
+            get_reward(name)
+        policies = [load_policy(c) for c in (checkpoint or ["base"])]
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (ValueError, KeyError, FileNotFoundError, OSError) as err:
+        _fail(str(err.args[0]) if isinstance(err, KeyError) else str(err))
+    results = []
+    total = len(policies) * len(blends) * seeds * len(chosen)
+    try:
+        with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                      TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task("eval", total=total, info="")
+            for policy in policies:
+                for b in blends:
+                    progress.update(task, info=f"{policy.name} blend {b:g}")
+                    results.append(evaluate_policy(policy, chosen, names, blend=b, seeds=seeds, steps=steps, solver=solver,
+                                                   guidance=cfg, on_images=lambda k: progress.advance(task, k)))
+    except ValueError as err:
+        _fail(str(err))
+    table = markdown_table(results)
+    out.write_text(json.dumps({"prompts": prompts, "steps": steps, "solver": solver, "cfg": cfg, "results": results}, indent=1) + "\n")
+    if len(results) > 1:
+        out.with_suffix(".md").write_text(table)
+    console.print(table, highlight=False, markup=False)
+    console.print(f"wrote {out}" + (f" and {out.with_suffix('.md')}" if len(results) > 1 else ""))
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Option(help="A `mixgrpo train` run folder.")],
+    out: Annotated[Path, typer.Option(help="New folder for the exported weights.")],
+    lora: Annotated[str, typer.Option(help="For LoRA runs: 'merged' (standalone model) or 'adapter' (peft format).")] = "merged",
+) -> None:
+    """Save a run's weights as a standalone model folder (or a peft adapter)."""
+    from .inference.policy import export_run
+
+    try:
+        folder = export_run(run, out, lora=lora)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        _fail(str(err))
+    console.print(f"wrote {folder}: " + ", ".join(sorted(p.name for p in folder.iterdir())))
+
+
 def _merge(base: dict, update: dict) -> None:
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "rewards":

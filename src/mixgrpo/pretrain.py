@@ -23,15 +23,14 @@ from pathlib import Path
 
 import torch
 
-from .core.grids import uniform_grid
-from .core.sampler import mixed_plan, sample
+from .inference.generate import condition, generate
 from .models.checkpoint import save_tiny_dit
 from .models.tiny_dit import TextCondition, TinyDiT, TinyDiTConfig
-from .text import PromptEmbeddings, cached_embeddings
+from .text import cached_embeddings
 from .viz import save_curve, save_image_grid
 from .world import all_prompts, sample_pairs
 
-__all__ = ["PretrainConfig", "generate", "pretrain"]
+__all__ = ["PretrainConfig", "pretrain"]
 
 
 @dataclass
@@ -64,34 +63,11 @@ class PretrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
 
-def condition(embeddings: PromptEmbeddings, prompts: list[str]) -> TextCondition:
-    return TextCondition(*embeddings.lookup(prompts))
-
-
 def _lr_at(step: int, cfg: PretrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-@torch.no_grad()
-def generate(
-    model: TinyDiT,
-    cond: TextCondition,
-    *,
-    steps: int = 25,
-    shift: float = 3.0,
-    solver: str = "euler",
-    guidance: float = 1.0,
-    seed: int = 0,
-) -> torch.Tensor:
-    """Deterministic ODE sampling; returns images ``(B, 3, H, W)`` in ``[0, 1]``."""
-    cfg = model.config
-    x1 = torch.randn(len(cond), cfg.channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(seed))
-    plan = mixed_plan(uniform_grid(steps, shift=shift), [], solver)
-    out = sample(lambda x, t: model.velocity(x, t, cond, guidance), x1, plan)
-    return ((out.x0 + 1) / 2).clamp(0, 1)
 
 
 def pretrain(

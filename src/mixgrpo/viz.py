@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["image_grid", "save_curve", "save_image_grid"]
+__all__ = ["image_grid", "save_curve", "save_image_grid", "save_images"]
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -69,3 +69,14 @@ def save_curve(path: str | Path, xs: Sequence[float], series: dict[str, Sequence
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def save_images(folder: str | Path, images: torch.Tensor) -> list[Path]:
+    """Each image as ``folder/00000.png`` (full resolution, no caption)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, arr in enumerate(_to_uint8(images)):
+        paths.append(folder / f"{i:05d}.png")
+        Image.fromarray(arr).save(paths[-1])
+    return paths

@@ -26,9 +26,10 @@ from ..core.grpo import Advantages, gaussian_kl, multi_reward_advantages, ppo_cl
 from ..core.sampler import Rollout, SamplingPlan, flash_plan, initial_noise, mixed_plan, sample
 from ..core.steps import SDENoise, gaussian_log_prob, sde_moments
 from ..core.windows import WindowSchedule
+from ..inference.generate import condition, generate_prompts
 from ..models.checkpoint import load_tiny_dit
+from ..models.lora import adapters_disabled, add_lora
 from ..models.tiny_dit import TextCondition, TinyDiT
-from ..pretrain import condition
 from ..rewards import get_reward, score
 from ..text import cached_embeddings
 from ..world.grammar import split_prompts
@@ -61,7 +62,7 @@ class GRPOTrainer:
         self.model = model if model is not None else load_tiny_dit(cfg.model.checkpoint)
         self.reference: TinyDiT | None = None
         if cfg.model.lora_rank > 0:
-            self._add_lora()
+            add_lora(self.model, cfg.model.lora_rank, cfg.model.lora_alpha)
         elif cfg.loss.kl_beta > 0:
             self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -82,14 +83,6 @@ class GRPOTrainer:
         )
 
     # ------------------------------------------------------------------ policy
-    def _add_lora(self) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        cfg = self.cfg.model
-        self.model.requires_grad_(False)
-        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=["qkv", "proj", "mlp.0", "mlp.2"])
-        inject_adapter_in_model(lora, self.model)
-
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition, *, reference: bool = False) -> torch.Tensor:
         """The policy's (or the reference policy's) velocity, with guidance and autocast."""
         with self.autocast:
@@ -97,16 +90,8 @@ class GRPOTrainer:
                 return self.model.velocity(x, t, cond, self.cfg.sampler.guidance).float()
             if self.reference is not None:
                 return self.reference.velocity(x, t, cond, self.cfg.sampler.guidance).float()
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
-            for layer in layers:
-                layer.enable_adapters(False)
-            try:
+            with adapters_disabled(self.model):
                 return self.model.velocity(x, t, cond, self.cfg.sampler.guidance).float()
-            finally:
-                for layer in layers:
-                    layer.enable_adapters(True)
 
     # ------------------------------------------------------------------ rollout
     def plan(self, iteration: int) -> tuple[SamplingPlan, tuple[int, ...]]:
@@ -227,18 +212,11 @@ class GRPOTrainer:
     def evaluate(self, *, seed: int = 0) -> tuple[dict[str, Any], torch.Tensor]:
         """Held-out prompts, one deterministic ODE sample each, scored by every training
         reward plus ``composition`` and ``flatness``. Returns the row and the images."""
-        from ..pretrain import generate
-
         self.model.eval()
         s = self.cfg.sampler
-        images = []
-        for i in range(0, len(self.eval_prompts), 64):
-            chunk = self.eval_prompts[i : i + 64]
-            cond = condition(self.embeddings, chunk)
-            with self.autocast:
-                images.append(generate(self.model, cond, steps=s.num_steps, shift=s.shift, guidance=s.guidance,
-                                       seed=seed + i).float())
-        images = torch.cat(images)
+        with self.autocast:
+            images = generate_prompts(self.model, self.embeddings, self.eval_prompts, seed=seed, steps=s.num_steps,
+                                      shift=s.shift, guidance=s.guidance)
         # the embedded rewards are always reported, so reward hacking shows (e.g. noise
         # that composition ignores lowers flatness)
         names = dict.fromkeys([*self.cfg.rewards, "composition", "flatness"])

@@ -62,25 +62,20 @@ def reward_throughput(n: int = 2048, repeats: int = 3) -> dict[str, float]:
 @torch.no_grad()
 def evaluate_checkpoint(
     checkpoint: str | None, prompts: list[str], *, steps: int = 25, guidance: float = 1.0, seed: int = 0,
-    batch_size: int = 128,
 ) -> dict:
     """Sample one image per prompt with a 25-step Euler ODE and score it."""
     # Model imports stay local so the reward benchmark runs without them.
+    from ..inference.generate import generate_prompts
     from ..models.checkpoint import load_tiny_dit
-    from ..pretrain import condition, generate
     from ..text import cached_embeddings
 
     model = load_tiny_dit(checkpoint)
     embeddings = cached_embeddings(prompts)
     reward = get_reward("composition")
-    scores, images, start = [], [], time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        imgs = generate(model, condition(embeddings, chunk), steps=steps, guidance=guidance, seed=seed + i)
-        images.append(imgs)
-        scores.append(reward(imgs, chunk))
+    start = time.perf_counter()
+    images = generate_prompts(model, embeddings, prompts, steps=steps, guidance=guidance, seed=seed)
     seconds = time.perf_counter() - start
-    score = torch.cat(scores)
+    score = reward(images, prompts)
     is_count = torch.tensor([not p.startswith("a ") for p in prompts])
     return {
         "checkpoint": str(checkpoint or "base"),
@@ -93,7 +88,7 @@ def evaluate_checkpoint(
         "sampling_images_per_s": len(prompts) / seconds,
         "steps": steps,
         "guidance": guidance,
-        "images": torch.cat(images),
+        "images": images,
     }
 
 

@@ -1,0 +1,196 @@
+"""Load any checkpoint users pass to ``sample``/``eval``, and export a run's weights.
+
+A checkpoint argument is one of
+
+* ``base``: the shipped embedded base model;
+* a model folder (``config.json`` + ``model.safetensors``): written by ``mixgrpo pretrain``
+  or ``mixgrpo export``;
+* a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``): written by
+  ``mixgrpo export --lora adapter``; applied to the model its config names;
+* a run folder (``config.yaml`` + ``checkpoints/latest.json``): written by ``mixgrpo train``;
+  its latest checkpoint (the EMA weights when the run kept an EMA).
+
+Every policy carries the base model it was trained from, for ``--blend``: for LoRA that is
+the same network with the adapter switched off, otherwise a second copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ..models.checkpoint import (
+    BASE_CHECKPOINT,
+    CONFIG,
+    WEIGHTS,
+    load_tiny_dit,
+    read_config,
+    save_tiny_dit,
+)
+from ..models.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapters_disabled,
+    add_lora,
+    has_lora,
+    merged_state_dict,
+    save_peft_adapter,
+)
+from ..models.tiny_dit import TextCondition, TinyDiT
+
+__all__ = ["Policy", "export_run", "load_policy"]
+
+
+class _AdapterOff:
+    """The base model of a LoRA policy: the same network, adapter switched off."""
+
+    def __init__(self, model: TinyDiT):
+        self.model, self.config = model, model.config
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition, guidance: float = 1.0) -> torch.Tensor:
+        with adapters_disabled(self.model):
+            return self.model.velocity(x, t, cond, guidance)
+
+
+@dataclass
+class Policy:
+    """A model ready for inference, with the base model to blend with."""
+
+    name: str
+    model: TinyDiT
+    base: TinyDiT | _AdapterOff
+    source: str  # where the weights came from, for reports
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition, guidance: float = 1.0) -> torch.Tensor:
+        return self.model.velocity(x, t, cond, guidance)
+
+
+def _resolve_base(spec: str | None) -> Path:
+    return BASE_CHECKPOINT if spec in (None, "base") else Path(spec)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"weights file {path} is corrupt or not safetensors ({err})") from err
+
+
+def _load_named(model: TinyDiT, names: list[str], state: dict[str, torch.Tensor], source: Path) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise ValueError(f"{source} lacks {len(missing)} trained tensor(s) (e.g. {missing[0]}); it belongs to another run or model")
+    with torch.no_grad():
+        for name in names:
+            if params[name].shape != state[name].shape:
+                raise ValueError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, the model expects {tuple(params[name].shape)}")
+            if not torch.isfinite(state[name]).all():
+                raise ValueError(f"{source}: tensor {name} holds NaN or Inf; use an earlier checkpoint")
+            params[name].copy_(state[name])
+
+
+def _load_run(folder: Path, name: str, ema: bool) -> Policy:
+    import yaml
+
+    from ..train.config import config_from_dict
+
+    cfg = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text())).validate()
+    index = folder / "checkpoints" / "latest.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"run folder {folder} has no checkpoint yet ({index} is missing); wait for its first checkpoint or pass another --checkpoint")
+    try:
+        ckpt = folder / "checkpoints" / json.loads(index.read_text())["path"]
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"{index} is corrupt ({err}); delete it to fall back to no checkpoint") from err
+    state = _load_safetensors(ckpt / "weights.safetensors")
+    base = load_tiny_dit(_resolve_base(cfg.model.checkpoint))
+    model = copy.deepcopy(base)
+    if cfg.model.lora_rank > 0:
+        add_lora(model, cfg.model.lora_rank, cfg.model.lora_alpha)
+        names = [n for n, _ in model.named_parameters() if "lora_" in n]
+    else:
+        names = [n for n, _ in model.named_parameters()]
+    prefix = "ema." if ema and any(k.startswith("ema.") for k in state) else ""
+    _load_named(model, names, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, ckpt)
+    model.eval()
+    return Policy(name, model, _AdapterOff(model) if cfg.model.lora_rank > 0 else base, f"{ckpt} ({prefix or 'live '}weights)")
+
+
+def _load_adapter(folder: Path, name: str) -> Policy:
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+        rank, alpha, base_spec = int(config["r"]), float(config["lora_alpha"]), config.get("base_model_name_or_path")
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"{folder / ADAPTER_CONFIG} is not a LoRA adapter config ({err})") from err
+    model = add_lora(load_tiny_dit(_resolve_base(base_spec)), rank, alpha)
+    state = _load_safetensors(folder / ADAPTER_WEIGHTS)
+    # peft format: base_model.model.<module>.lora_A.weight -> our in-place names
+    state = {k.removeprefix("base_model.model.").replace(".lora_A.weight", ".lora_A.default.weight")
+             .replace(".lora_B.weight", ".lora_B.default.weight"): v for k, v in state.items()}
+    _load_named(model, [n for n, _ in model.named_parameters() if "lora_" in n], state, folder / ADAPTER_WEIGHTS)
+    return Policy(name, model.eval(), _AdapterOff(model), str(folder))
+
+
+def load_policy(spec: str | Path, *, ema: bool = True) -> Policy:
+    """Load ``base``, a model folder, a peft adapter folder or a run folder (see module doc)."""
+    name = str(spec)
+    if name == "base":
+        model = load_tiny_dit(BASE_CHECKPOINT)
+        return Policy("base", model, model, str(BASE_CHECKPOINT))
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint {folder} does not exist; pass 'base', a model folder or a run folder")
+    if (folder / "config.yaml").is_file():
+        return _load_run(folder, name, ema)
+    if (folder / ADAPTER_CONFIG).is_file():
+        return _load_adapter(folder, name)
+    if (folder / CONFIG).is_file():
+        model = load_tiny_dit(folder)
+        base_spec = read_config(folder).get("base_checkpoint")
+        base = load_tiny_dit(_resolve_base(base_spec)) if base_spec else model
+        return Policy(name, model, base, str(folder / WEIGHTS))
+    raise FileNotFoundError(
+        f"{folder} holds no weights: expected config.json + {WEIGHTS}, {ADAPTER_CONFIG}, or a run's config.yaml"
+    )
+
+
+def export_run(run: str | Path, out: str | Path, *, lora: str = "merged", ema: bool = True) -> Path:
+    """Write a run's weights as a standalone folder.
+
+    Full fine-tunes (and LoRA with ``lora="merged"``, ``W' = W + (alpha/r) B A``) become a model
+    folder (``model.safetensors`` + ``config.json``, recording the base for ``--blend``);
+    LoRA with ``lora="adapter"`` becomes a peft adapter folder."""
+    if lora not in ("merged", "adapter"):
+        raise ValueError(f"--lora must be 'merged' or 'adapter', got {lora!r}")
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not a run folder (config.yaml missing); export takes a `mixgrpo train --out` folder")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty; choose a new --out (export never overwrites)")
+    import yaml
+
+    model_cfg = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    base_spec = model_cfg.get("checkpoint") or "base"
+    policy = load_policy(run, ema=ema)
+    if has_lora(policy.model) and lora == "adapter":
+        return save_peft_adapter(policy.model, out, rank=model_cfg["lora_rank"], alpha=model_cfg["lora_alpha"], base=base_spec)
+    model = policy.model
+    if has_lora(model):
+        merged = TinyDiT(model.config)
+        merged.load_state_dict(merged_state_dict(model))
+        model = merged
+    return save_tiny_dit(model, out, extra={"base_checkpoint": base_spec, "exported_from": policy.source})

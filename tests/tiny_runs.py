@@ -1,0 +1,42 @@
+"""Tiny models and training configs shared by the trainer, inference and bench tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mixgrpo.models.checkpoint import save_tiny_dit
+from mixgrpo.models.tiny_dit import TinyDiT, TinyDiTConfig
+from mixgrpo.rewards import register_reward
+from mixgrpo.train.config import TrainConfig, apply_overrides
+from mixgrpo.train.presets import make_preset
+
+TINY = TinyDiTConfig(width=32, depth=2, heads=2)
+
+
+@register_reward("test-train-brightness")
+class Brightness:
+    """Toy reward with a known optimum: brighter is better."""
+
+    def __call__(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+
+def make_tiny_checkpoint(folder: Path) -> str:
+    """A randomly initialised tiny DiT (perturbed so every weight matters), saved to ``folder``."""
+    torch.manual_seed(0)
+    model = TinyDiT(TINY)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return str(save_tiny_dit(model, folder))
+
+
+def tiny_config(checkpoint: str, preset: str = "mixgrpo", *extra: str) -> TrainConfig:
+    """A preset shrunk to seconds: 4 iterations, 2 prompts x 4, 8 steps, brightness reward."""
+    return apply_overrides(make_preset(preset), [
+        f"model.checkpoint={checkpoint}", "iterations=4", "prompts_per_iter=2", "group_size=4",
+        "sampler.num_steps=8", "eval_prompts=8", "eval_every=2", "checkpoint_every=2", "schedule.interval=1",
+        "schedule.size=2", "optim.micro_batch=4", "rewards={test-train-brightness: 1.0}", *extra,
+    ])
