@@ -243,6 +243,36 @@ def export(
     console.print(f"wrote {folder}: " + ", ".join(sorted(p.name for p in folder.iterdir())))
 
 
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option(help="New folder for bench.json, bench.md and the plots.")],
+    presets: Annotated[str | None, typer.Option(help="Comma-separated presets (default: dance-grpo, mixgrpo, mixgrpo-flash, mixgrpo-flash-star).")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Seeds per preset (default 3; --quick 1).")] = None,
+    iterations: Annotated[int | None, typer.Option(help="Iterations per run (default 60; --quick 8).")] = None,
+    quick: Annotated[bool, typer.Option(help="Small groups and evaluation, 8 iterations: a few minutes here.")] = False,
+    ablate: Annotated[str | None, typer.Option(help="Instead of presets: 'window' (w, s, schedule) or 'flash-steps'.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a value in every arm (repeatable).")] = None,
+) -> None:
+    """Run methods (or MixGRPO ablations) side by side: cost, reward, time to DanceGRPO's reward."""
+    from .bench import run_bench
+
+    names = [p.strip() for p in presets.split(",") if p.strip()] if presets else None
+    try:
+        with Progress(TextColumn("bench"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                      TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task("bench", total=None, info="building arms, evaluating the start...")
+
+            def show(label: str, iteration: int) -> None:
+                progress.update(task, advance=1, info=f"{label} iter {iteration + 1}")
+
+            rows = run_bench(out, presets=names, seeds=seeds, iterations=iterations, quick=quick, ablate=ablate,
+                             overrides=list(set_ or []), on_progress=show)
+    except ValueError as err:
+        _fail(str(err))
+    console.print((out / "bench.md").read_text(), highlight=False, markup=False)
+    console.print(f"wrote {out}/bench.json, bench.md, reward_vs_time.png, reward_vs_iteration.png ({len(rows)} rows)")
+
+
 def _merge(base: dict, update: dict) -> None:
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "rewards":

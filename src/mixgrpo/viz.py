@@ -48,8 +48,11 @@ def save_image_grid(path: str | Path, images: torch.Tensor, captions: Sequence[s
     return path
 
 
-def save_curve(path: str | Path, xs: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, title: str = "") -> Path:
-    """Line plot of one or more series against ``xs``."""
+def save_curve(
+    path: str | Path, xs: Sequence[float] | None, series: dict[str, Sequence[float]] | dict[str, tuple], xlabel: str,
+    title: str = "",
+) -> Path:
+    """Line plot of one or more series against ``xs`` (``xs=None``: each series is ``(xs, ys)``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,7 +60,8 @@ def save_curve(path: str | Path, xs: Sequence[float], series: dict[str, Sequence
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
     for name, ys in series.items():
-        ax.plot(xs, ys, label=name)
+        x, y = (xs, ys) if xs is not None else ys
+        ax.plot(x, y, label=name, marker="o" if len(y) <= 12 else None, markersize=3)
     ax.set_xlabel(xlabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)

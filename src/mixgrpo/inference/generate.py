@@ -16,7 +16,6 @@ made on ``t`` and works with Euler and the multistep DPM-Solver++ alike.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable, Sequence
 from typing import Protocol
 

@@ -1,0 +1,54 @@
+"""`mixgrpo bench`: methods (or MixGRPO ablations) side by side in one interleaved run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .arms import ABLATIONS, DEFAULT_PRESETS, QUICK, ablation_arms, preset_arms
+from .report import write_report
+from .runner import Arm, ArmResult, run_arms
+
+__all__ = ["ABLATIONS", "DEFAULT_PRESETS", "Arm", "ArmResult", "run_arms", "run_bench"]
+
+
+def run_bench(
+    out: str | Path,
+    *,
+    presets: list[str] | None = None,
+    seeds: int | None = None,
+    iterations: int | None = None,
+    quick: bool = False,
+    ablate: str | None = None,
+    overrides: list[str] | None = None,
+    evals: int | None = None,
+    on_progress: Callable[[str, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Build the arms, run them interleaved and write the report; returns its rows.
+
+    Defaults: the four presets of :data:`DEFAULT_PRESETS`, 3 seeds, 60 iterations, 4
+    evaluations on 128 held-out prompts; ``quick`` shrinks them (:data:`QUICK`)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty; choose a new --out (a bench never overwrites results)")
+    base = QUICK if quick else {"presets": DEFAULT_PRESETS, "seeds": 3, "iterations": 60, "evals": 4,
+                                "overrides": ["eval_prompts=128"]}
+    seeds = seeds if seeds is not None else base["seeds"]
+    iterations = iterations if iterations is not None else base["iterations"]
+    evals = evals if evals is not None else base["evals"]
+    if seeds < 1 or iterations < 1 or evals < 1:
+        raise ValueError(f"--seeds, --iterations and evaluations must be >= 1, got {seeds}, {iterations}, {evals}")
+    shared = [*base["overrides"], *(overrides or [])]
+    if ablate is not None:
+        if presets:
+            raise ValueError("--ablate compares MixGRPO variants; drop --presets")
+        arms = ablation_arms(ablate, shared)
+        title = f"MixGRPO ablation: {ablate}"
+    else:
+        arms = preset_arms(presets or base["presets"], shared)
+        title = "Methods side by side"
+    results = run_arms(arms, list(range(seeds)), iterations, evals=evals, on_progress=on_progress)
+    config = {"arms": [a.label for a in arms], "seeds": seeds, "iterations": iterations, "evals": evals,
+              "overrides": shared, "quick": quick, "ablate": ablate}
+    return write_report(out, results, title=title, config=config)

@@ -1,0 +1,60 @@
+"""What a bench compares: method presets, or MixGRPO ablations (the paper's Table 3 and the
+Flash* step count), each as an :class:`~mixgrpo.bench.runner.Arm` built from presets plus
+``--set`` overrides shared by every arm."""
+
+from __future__ import annotations
+
+from ..core.sampler import flash_plan
+from ..train.config import TrainConfig, apply_overrides
+from ..train.presets import make_preset
+from .runner import Arm
+
+__all__ = ["ABLATIONS", "DEFAULT_PRESETS", "QUICK", "ablation_arms", "compression_for_steps", "preset_arms"]
+
+DEFAULT_PRESETS = ["dance-grpo", "mixgrpo", "mixgrpo-flash", "mixgrpo-flash-star"]
+ABLATIONS = ("window", "flash-steps")
+
+
+# --quick: the same presets and step counts, smaller groups and evaluation (about 2 minutes here)
+QUICK = {"presets": ["dance-grpo", "mixgrpo", "mixgrpo-flash"], "seeds": 1, "iterations": 8, "evals": 2,
+         "overrides": ["prompts_per_iter=2", "group_size=4", "eval_prompts=64"]}
+
+
+def _config(preset: str, overrides: list[str]) -> TrainConfig:
+    return apply_overrides(make_preset(preset), overrides)
+
+
+def preset_arms(presets: list[str], overrides: list[str]) -> list[Arm]:
+    return [Arm(name, _config(name, overrides)) for name in presets]
+
+
+def compression_for_steps(total: int, num_steps: int, window: tuple[int, ...], shift: float) -> float:
+    """The smallest Flash compression ``r`` (in steps of 0.01) whose plan has ``total`` steps."""
+    for k in range(1, 101):
+        if flash_plan(num_steps, window, k / 100, shift).num_steps == total:
+            return k / 100
+    raise ValueError(f"no Flash compression gives {total} steps with window {window} on a {num_steps}-step grid")
+
+
+def ablation_arms(kind: str, overrides: list[str]) -> list[Arm]:
+    """``window``: MixGRPO with w in {1, 2, 4, 8} (s = 1, sliding), stride 2, and the random
+    and fixed-at-the-noisiest-steps schedules (w = 4). ``flash-steps``: Flash* with 8, 10,
+    12 and 16 sampling steps in total."""
+    if kind == "window":
+        arms = []
+        for size, stride, schedule in [(1, 1, "progressive"), (2, 1, "progressive"), (4, 1, "progressive"),
+                                       (8, 1, "progressive"), (4, 2, "progressive"), (4, 1, "random"), (4, 1, "fixed")]:
+            cfg = _config("mixgrpo", [*overrides, f"schedule.size={size}", f"schedule.stride={stride}",
+                                      f"schedule.name={schedule}"])
+            label = {"progressive": "sliding", "random": "random", "fixed": "fixed at 0"}[schedule]
+            arms.append(Arm(f"w={size} s={stride} {label}", cfg))
+        return arms
+    if kind == "flash-steps":
+        arms = []
+        for total in (8, 10, 12, 16):
+            cfg = _config("mixgrpo-flash-star", overrides)
+            window = tuple(range(cfg.schedule.start, cfg.schedule.start + cfg.schedule.size))
+            r = compression_for_steps(total, cfg.sampler.num_steps, window, cfg.sampler.shift)
+            arms.append(Arm(f"flash* {total} steps", apply_overrides(cfg, [f"sampler.flash_compression={r}"])))
+        return arms
+    raise ValueError(f"unknown ablation {kind!r}; choose one of {', '.join(ABLATIONS)}")

@@ -1,0 +1,120 @@
+"""Turn interleaved bench results into ``bench.json``, ``bench.md`` and two plots.
+
+Confidence intervals are over seeds (Student t, ``n - 1`` degrees of freedom); with one seed
+they are ``null``. Iteration time is the median over every iteration of every seed.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ..viz import save_curve
+from .runner import ArmResult
+
+__all__ = ["PAPER_ITER_TIME_S", "mean_ci", "summarise", "write_report"]
+
+# MixGRPO paper (arXiv 2507.21802), FLUX on 32 A100s: seconds per training iteration
+PAPER_ITER_TIME_S = {"dance-grpo": 291.0, "mixgrpo": 151.0, "mixgrpo-flash": 83.0}
+REFERENCE = "dance-grpo"
+
+
+def mean_ci(values: list[float]) -> dict[str, float | None]:
+    """Mean and 95% half-width (Student t over ``len(values)`` seeds; None for one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "ci95": None}
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return {"mean": mean, "ci95": half}
+
+
+def _curve(runs: list[ArmResult]) -> list[tuple[int, float, float]]:
+    """Seed-mean (iteration, training seconds, eval reward) at each evaluation."""
+    points = []
+    for k in range(min(len(r.evals) for r in runs)):
+        points.append((
+            runs[0].evals[k][0],
+            statistics.fmean(r.evals[k][1] for r in runs),
+            statistics.fmean(r.evals[k][2]["reward_mean"] for r in runs),
+        ))
+    return points
+
+
+def summarise(results: list[ArmResult]) -> list[dict[str, Any]]:
+    """One row per label (preset or variant), in first-seen order."""
+    labels = list(dict.fromkeys(r.label for r in results))
+    by_label = {label: [r for r in results if r.label == label] for label in labels}
+    iter_time = {label: statistics.median(t for r in runs for t in r.iter_times) for label, runs in by_label.items()}
+    target = None
+    if REFERENCE in by_label:
+        target = statistics.fmean(r.evals[-1][2]["reward_mean"] for r in by_label[REFERENCE])
+    rows = []
+    for label, runs in by_label.items():
+        curve = _curve(runs)
+        finals = [r.evals[-1][2] for r in runs]
+        reward_names = [k for k in finals[0] if k.startswith("reward_") and k != "reward_mean"]
+        reached = [sec for _, sec, reward in curve if target is not None and reward >= target]
+        rows.append({
+            "preset": label,
+            "seeds": [r.seed for r in runs],
+            "iterations": len(runs[0].iter_times),
+            "model_passes_per_image": statistics.fmean(p for r in runs for p in r.model_passes),
+            "iter_time_s": iter_time[label],
+            "time_ratio_vs_dance_grpo": iter_time[label] / iter_time[REFERENCE] if REFERENCE in iter_time else None,
+            "paper_time_ratio": (PAPER_ITER_TIME_S[label] / PAPER_ITER_TIME_S[REFERENCE]
+                                 if label in PAPER_ITER_TIME_S else None),
+            "initial_eval_reward": statistics.fmean(r.evals[0][2]["reward_mean"] for r in runs),
+            "final_eval_reward": mean_ci([f["reward_mean"] for f in finals]),
+            "reward_gain": mean_ci([r.evals[-1][2]["reward_mean"] - r.evals[0][2]["reward_mean"] for r in runs]),
+            "final_eval_rewards": {k.removeprefix("reward_"): mean_ci([f[k] for f in finals]) for k in reward_names},
+            "time_to_target_s": reached[0] if reached else None,
+            "train_time_s": statistics.fmean(r.train_seconds for r in runs),
+            "curve": [{"iteration": i, "train_s": s, "eval_reward": v} for i, s, v in curve],
+        })
+    return rows
+
+
+def _fmt(stat: dict[str, float | None], digits: int = 3) -> str:
+    ci = stat["ci95"]
+    return f"{stat['mean']:.{digits}f}" + (f" ± {ci:.{digits}f}" if ci is not None else "")
+
+
+def markdown(rows: list[dict[str, Any]], title: str) -> str:
+    lines = [
+        f"## {title}", "",
+        "| preset | passes/image | iter time (s) | time ratio vs DanceGRPO | paper ratio (FLUX) | held-out reward | gain | "
+        "time to DanceGRPO's reward (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = "—" if r["time_ratio_vs_dance_grpo"] is None else f"{r['time_ratio_vs_dance_grpo']:.3f}"
+        paper = "—" if r["paper_time_ratio"] is None else f"{r['paper_time_ratio']:.3f}"
+        ttt = "never" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.0f}"
+        lines.append(
+            f"| {r['preset']} | {r['model_passes_per_image']:.1f} | {r['iter_time_s']:.2f} | {ratio} | {paper} | "
+            f"{_fmt(r['final_eval_reward'])} | {_fmt(r['reward_gain'])} | {ttt} |"
+        )
+    seeds = rows[0]["seeds"]
+    lines += ["", f"{len(seeds)} seed(s) {seeds}, {rows[0]['iterations']} iterations each, interleaved in one process; "
+              "± is a 95% t-interval over seeds. Paper: DanceGRPO 291 s, MixGRPO 151 s, MixGRPO-Flash 83 s per "
+              "iteration (FLUX, 32 A100)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, results: list[ArmResult], *, title: str, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Write ``bench.json``, ``bench.md``, ``reward_vs_time.png`` and ``reward_vs_iteration.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarise(results)
+    (out / "bench.json").write_text(json.dumps({"title": title, "config": config, "rows": rows}, indent=1) + "\n")
+    (out / "bench.md").write_text(markdown(rows, title))
+    save_curve(out / "reward_vs_time.png", None,
+               {r["preset"]: ([p["train_s"] for p in r["curve"]], [p["eval_reward"] for p in r["curve"]]) for r in rows},
+               "training seconds (seed mean)", "held-out reward")
+    save_curve(out / "reward_vs_iteration.png", None,
+               {r["preset"]: ([p["iteration"] for p in r["curve"]], [p["eval_reward"] for p in r["curve"]]) for r in rows},
+               "iteration", "held-out reward")
+    return rows

@@ -1,0 +1,118 @@
+"""`mixgrpo bench`: interleaved runs, the report's figures, and the CLI on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mixgrpo.bench.arms import ablation_arms, compression_for_steps
+from mixgrpo.bench.report import mean_ci, summarise
+from mixgrpo.bench.runner import ArmResult, eval_points
+from mixgrpo.cli import app
+from mixgrpo.core.sampler import flash_plan
+from tiny_runs import make_tiny_checkpoint
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_overrides(tmp_path_factory):
+    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("bench") / "tiny")
+    return [f"model.checkpoint={ckpt}", "sampler.num_steps=10", "eval_prompts=8", "optim.micro_batch=8",
+            "rewards={test-train-brightness: 1.0}"]
+
+
+def _result(label, seed, times, evals):
+    r = ArmResult(label, seed, iter_times=list(times), model_passes=[10] * len(times), train_rewards=[0.0] * len(times))
+    elapsed = 0.0
+    for it, reward in evals:
+        elapsed = sum(times[:it])
+        r.evals.append((it, elapsed, {"reward_mean": reward, "reward_x": reward}))
+    return r
+
+
+def test_mean_ci_is_a_t_interval_over_seeds():
+    from scipy.stats import t
+
+    stat = mean_ci([1.0, 2.0, 3.0])
+    assert stat["mean"] == 2.0 and stat["ci95"] == pytest.approx(t.ppf(0.975, 2) * 1.0 / 3**0.5)
+    assert mean_ci([0.5]) == {"mean": 0.5, "ci95": None}
+
+
+def test_eval_points_include_start_and_end():
+    assert eval_points(60, 4) == [0, 15, 30, 45, 60]
+    assert eval_points(3, 4) == [0, 1, 2, 3]
+
+
+def test_summary_ratios_gains_and_time_to_target():
+    results = [
+        _result("dance-grpo", 0, [4.0] * 4, [(0, 0.4), (2, 0.5), (4, 0.6)]),
+        _result("mixgrpo", 0, [2.0] * 4, [(0, 0.4), (2, 0.65), (4, 0.7)]),
+        _result("slow", 0, [1.0] * 4, [(0, 0.4), (2, 0.45), (4, 0.5)]),
+    ]
+    rows = {r["preset"]: r for r in summarise(results)}
+    assert rows["mixgrpo"]["time_ratio_vs_dance_grpo"] == 0.5
+    assert rows["mixgrpo"]["paper_time_ratio"] == pytest.approx(151 / 291)
+    assert rows["mixgrpo"]["reward_gain"]["mean"] == pytest.approx(0.3)
+    assert rows["mixgrpo"]["time_to_target_s"] == 4.0  # reached 0.6 after 2 iterations of 2 s
+    assert rows["dance-grpo"]["time_to_target_s"] == 16.0
+    assert rows["slow"]["time_to_target_s"] is None and rows["slow"]["paper_time_ratio"] is None
+    no_reference = summarise([_result("mixgrpo", 0, [1.0], [(0, 0.1), (1, 0.2)])])
+    assert no_reference[0]["time_ratio_vs_dance_grpo"] is None and no_reference[0]["time_to_target_s"] is None
+
+
+@pytest.mark.parametrize("total", [8, 10, 12, 16])
+def test_flash_step_ablation_hits_the_asked_step_count(total):
+    r = compression_for_steps(total, 25, (0, 1, 2, 3), 3.0)
+    assert flash_plan(25, (0, 1, 2, 3), r, 3.0).num_steps == total
+    with pytest.raises(ValueError, match="no Flash compression"):
+        compression_for_steps(40, 25, (0, 1, 2, 3), 3.0)
+
+
+def test_window_ablation_varies_one_factor_at_a_time():
+    arms = ablation_arms("window", [])
+    assert [a.label for a in arms][:4] == ["w=1 s=1 sliding", "w=2 s=1 sliding", "w=4 s=1 sliding", "w=8 s=1 sliding"]
+    assert {(a.config.schedule.size, a.config.schedule.stride, a.config.schedule.name) for a in arms[4:]} == {
+        (4, 2, "progressive"), (4, 1, "random"), (4, 1, "fixed")}
+    with pytest.raises(ValueError, match="unknown ablation"):
+        ablation_arms("lr", [])
+
+
+def test_bench_quick_writes_every_file_and_key(tiny_overrides, tmp_path):
+    out = tmp_path / "bench"
+    args = ["bench", "--quick", "--out", str(out), "--iterations", "2"]
+    for o in tiny_overrides:
+        args += ["--set", o]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "bench.json").read_text())
+    rows = {r["preset"]: r for r in data["rows"]}
+    assert set(rows) == {"dance-grpo", "mixgrpo", "mixgrpo-flash"}
+    keys = {"preset", "seeds", "model_passes_per_image", "iter_time_s", "time_ratio_vs_dance_grpo",
+            "final_eval_reward", "reward_gain", "time_to_target_s"}
+    for row in rows.values():
+        assert keys <= set(row) and set(row["final_eval_reward"]) == {"mean", "ci95"}
+        assert row["iterations"] == 2 and row["seeds"] == [0]
+    assert rows["dance-grpo"]["time_ratio_vs_dance_grpo"] == 1.0
+    # fewer model passes is the whole point of the window and of Flash
+    assert rows["mixgrpo-flash"]["model_passes_per_image"] < rows["mixgrpo"]["model_passes_per_image"] \
+        < rows["dance-grpo"]["model_passes_per_image"]
+    assert "paper ratio" in (out / "bench.md").read_text()
+    for png in ("reward_vs_time.png", "reward_vs_iteration.png"):
+        assert (out / png).stat().st_size > 0
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "not empty" in again.output
+
+
+def test_bench_window_ablation_runs_every_variant(tiny_overrides, tmp_path):
+    args = ["bench", "--ablate", "window", "--out", str(tmp_path / "abl"), "--seeds", "2", "--iterations", "1",
+            "--set", "prompts_per_iter=1", "--set", "group_size=2"]
+    for o in tiny_overrides:
+        args += ["--set", o]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "abl" / "bench.json").read_text())["rows"]
+    assert len(rows) == 7 and all(r["seeds"] == [0, 1] for r in rows)
+    assert all(r["final_eval_reward"]["ci95"] is not None for r in rows)
