@@ -79,7 +79,7 @@ def train(
     """GRPO fine-tuning with one of the method presets."""
     from .train.config import apply_overrides, config_from_dict, config_to_dict, load_yaml
     from .train.presets import make_preset
-    from .train.run import check_run_dir
+    from .train.run import TrainingInterrupted, check_run_dir
     from .train.run import train as run_train
 
     try:
@@ -102,6 +102,9 @@ def train(
                     f"reward {row['reward_mean']:.3f}  window {row['window_start']}  {row['iter_time_s']:.1f}s/it"))
 
             summary = run_train(cfg, out, resume=resume, on_iteration=show)
+    except TrainingInterrupted as stop:
+        console.print(f"[yellow]interrupted:[/yellow] {stop}", soft_wrap=True, highlight=False)
+        raise typer.Exit(128 + stop.signum) from None
     except ValueError as err:
         _fail(str(err))
     console.print_json(data=summary)

@@ -107,27 +107,33 @@ def check_images(images: torch.Tensor, prompts: list[str]) -> None:
         raise ValueError("images contain NaN or Inf; the sampler or model produced non-finite values")
 
 
-def validate_reward_output(values: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+def validate_reward_output(values: torch.Tensor, batch: int, name: str, *, allow_nonfinite: bool = False) -> torch.Tensor:
     """A reward's output as ``(B,)`` float32.
 
     Args:
         values: what the reward returned.
         batch: the number of images scored.
         name: the reward's name, for the error message.
+        allow_nonfinite: return NaN/Inf scores as they are (the trainer drops their groups).
 
     Raises:
-        ValueError: wrong shape, or NaN/Inf scores.
+        ValueError: wrong shape, or NaN/Inf scores (unless allowed).
     """
     values = torch.as_tensor(values, dtype=torch.float32)
     if values.shape != (batch,):
         raise ValueError(f"reward {name!r} returned shape {tuple(values.shape)}; expected ({batch},), one score per image")
-    if not torch.isfinite(values).all():
+    if not allow_nonfinite and not torch.isfinite(values).all():
         bad = int((~torch.isfinite(values)).sum())
         raise ValueError(f"reward {name!r} returned {bad} non-finite score(s) (NaN/Inf); fix the reward")
     return values
 
 
-def score(reward: Reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """Check the inputs, call ``reward`` and check its output; returns ``(B,)`` float32."""
+def score(reward: Reward, images: torch.Tensor, prompts: list[str], *, allow_nonfinite: bool = False) -> torch.Tensor:
+    """Check the inputs, call ``reward`` and check its output; returns ``(B,)`` float32.
+
+    With ``allow_nonfinite`` the caller has replaced non-finite images itself and wants
+    NaN/Inf scores back rather than an error."""
     check_images(images, prompts)
-    return validate_reward_output(reward(images, prompts), images.shape[0], getattr(reward, "name", repr(reward)))
+    values = reward(images, prompts)
+    return validate_reward_output(values, images.shape[0], getattr(reward, "name", repr(reward)),
+                                  allow_nonfinite=allow_nonfinite)

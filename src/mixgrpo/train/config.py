@@ -118,8 +118,11 @@ class OptimConfig:
     micro_batch: int = 16  # samples per backward pass; gradients accumulate over the batch
     inner_epochs: int = 1  # optimisation passes over each rollout batch (1: ratio stays 1)
     ema: float | None = None  # EMA decay of the trained weights, None to disable
+    max_nonfinite: int = 3  # stop after this many consecutive iterations with NaN/Inf (skipped updates)
 
     def validate(self) -> None:
+        if self.max_nonfinite < 1:
+            raise ValueError(f"optim.max_nonfinite must be >= 1, got {self.max_nonfinite}")
         if not self.lr > 0 or self.weight_decay < 0 or not self.grad_clip > 0:
             raise ValueError("optim.lr and optim.grad_clip must be > 0 and optim.weight_decay >= 0")
         if self.micro_batch < 1 or self.inner_epochs < 1:

@@ -14,8 +14,11 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,38 @@ from .checkpointing import latest_iteration, load_latest, save_checkpoint
 from .config import TrainConfig, config_from_dict, config_to_dict
 from .trainer import GRPOTrainer
 
-__all__ = ["check_run_dir", "prepare_run_dir", "train"]
+__all__ = ["TrainingInterrupted", "check_run_dir", "prepare_run_dir", "train"]
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT stopped the run after a checkpoint; ``signum`` and the resume hint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextmanager
+def _stop_requests() -> Iterator[dict[str, int | None]]:
+    """Turn the first SIGTERM/SIGINT into a flag the loop checks between iterations (the
+    current iteration finishes and is checkpointed); a second signal acts at once."""
+    flag: dict[str, int | None] = {"signum": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def request(signum, _frame):
+        flag["signum"] = signum
+        signal.signal(signum, previous[signum])
+
+    for sig in previous:
+        signal.signal(sig, request)
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def check_run_dir(out: Path, resume: bool) -> None:
@@ -96,24 +130,35 @@ def train(
                     tb.add_scalar(f"eval/{k}", v, completed)
         return row
 
-    if start_iteration == 0:
-        evaluate(0)
-    for iteration in range(start_iteration, cfg.iterations):
-        row = trainer.step(iteration)
-        trainer.write_metrics(metrics_path, row)
+    def checkpoint(iteration: int) -> None:
+        save_checkpoint(out / "checkpoints", iteration, trainer.trainable_state(), trainer.optimizer,
+                        {"wall_time_s": elapsed_before + time.perf_counter() - started}, cfg.keep_checkpoints)
+
+    try:
+        with _stop_requests() as stop:
+            if start_iteration == 0:
+                evaluate(0)
+            for iteration in range(start_iteration, cfg.iterations):
+                row = trainer.step(iteration)
+                trainer.write_metrics(metrics_path, row)
+                if tb:
+                    for k, v in row.items():
+                        tb.add_scalar(f"train/{k}", v, iteration)
+                if on_iteration is not None:
+                    on_iteration(row)
+                last = iteration == cfg.iterations - 1
+                if (iteration + 1) % cfg.eval_every == 0 or last:
+                    evaluate(iteration + 1)
+                if (iteration + 1) % cfg.checkpoint_every == 0 or last or stop["signum"] is not None:
+                    checkpoint(iteration)
+                if stop["signum"] is not None and not last:
+                    name = signal.Signals(stop["signum"]).name
+                    raise TrainingInterrupted(
+                        f"{name}: stopped after iteration {iteration} with a checkpoint; continue with "
+                        f"`mixgrpo train --out {out} --resume`", stop["signum"])
+    finally:
         if tb:
-            for k, v in row.items():
-                tb.add_scalar(f"train/{k}", v, iteration)
-        if on_iteration is not None:
-            on_iteration(row)
-        last = iteration == cfg.iterations - 1
-        if (iteration + 1) % cfg.eval_every == 0 or last:
-            evaluate(iteration + 1)
-        if (iteration + 1) % cfg.checkpoint_every == 0 or last:
-            save_checkpoint(out / "checkpoints", iteration, trainer.trainable_state(), trainer.optimizer,
-                            {"wall_time_s": elapsed_before + time.perf_counter() - started}, cfg.keep_checkpoints)
-    if tb:
-        tb.close()
+            tb.close()
     return _summarise(out, cfg, trainer, elapsed_before + time.perf_counter() - started)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,7 +36,11 @@ from ..text import cached_embeddings
 from ..world.grammar import split_prompts
 from .config import TrainConfig
 
-__all__ = ["GRPOTrainer", "RolloutBatch"]
+__all__ = ["GRPOTrainer", "NonFiniteError", "RolloutBatch"]
+
+
+class NonFiniteError(ValueError):
+    """Too many consecutive iterations with NaN/Inf; the message says what and how to go on."""
 
 
 @dataclass
@@ -78,6 +83,7 @@ class GRPOTrainer:
         self.noise = SDENoise(s.sde_kind, s.noise_level)
         self.grid = uniform_grid(s.num_steps, shift=s.shift)
         self.schedule = WindowSchedule(num_steps=s.num_steps, seed=cfg.seed, **dataclasses.asdict(cfg.schedule))
+        self.nonfinite_streak = 0  # consecutive iterations with NaN/Inf (see optim.max_nonfinite)
         self.autocast = (
             torch.autocast("cpu", dtype=torch.bfloat16) if cfg.model.dtype == "bfloat16" else nullcontext()
         )
@@ -130,7 +136,28 @@ class GRPOTrainer:
         return RolloutBatch(prompts, cond, out, images, positions, plan)
 
     def score(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
-        return {name: score(fn, batch.images, batch.prompts) for name, fn in self.rewards.items()}
+        """Every reward on the batch; NaN/Inf scores come back as they are (see :meth:`nonfinite_samples`)."""
+        images = torch.nan_to_num(batch.images, nan=0.0)  # NaN samples are found from their latents and dropped
+        return {name: score(fn, images, batch.prompts, allow_nonfinite=True) for name, fn in self.rewards.items()}
+
+    @staticmethod
+    def nonfinite_samples(batch: RolloutBatch, rewards: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[str]]:
+        """``(N,)`` mask of samples with a non-finite latent, log-prob or reward, and what was bad."""
+        out, reasons = batch.rollout, []
+        bad = ~torch.isfinite(out.x0).flatten(1).all(1)
+        if bad.any():
+            reasons.append(f"{int(bad.sum())} non-finite latent(s)")
+        if batch.trained:
+            lp_bad = ~torch.isfinite(out.transitions.log_prob[batch.trained]).all(0)
+            if (lp_bad & ~bad).any():
+                reasons.append(f"{int((lp_bad & ~bad).sum())} non-finite log-prob(s)")
+            bad |= lp_bad
+        for name, r in rewards.items():
+            r_bad = ~torch.isfinite(r)
+            if r_bad.any():
+                reasons.append(f"reward {name!r} non-finite for {int(r_bad.sum())} image(s)")
+            bad |= r_bad
+        return bad, reasons
 
     def advantages(self, rewards: dict[str, torch.Tensor]) -> Advantages:
         loss = self.cfg.loss
@@ -143,7 +170,7 @@ class GRPOTrainer:
         micro-batches of the samples that carry signal, one AdamW step per inner epoch."""
         cfg, tr = self.cfg, batch.rollout.transitions
         valid = adv.valid.nonzero().squeeze(1)
-        stats = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "ratio_mean": 0.0, "kl": 0.0}
+        stats = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "ratio_mean": 0.0, "kl": 0.0, "skipped_update": 0.0}
         if valid.numel() == 0 or not batch.trained:
             return stats
         self.model.train()
@@ -173,7 +200,12 @@ class GRPOTrainer:
                     for key in ("clip_frac", "approx_kl", "ratio_mean"):
                         stats[key] += st[key].item()
                     terms += 1
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
+            if not (torch.isfinite(grad_norm) and math.isfinite(stats["loss"])):
+                # a NaN/Inf step would poison the weights: drop it, the caller counts it
+                self.optimizer.zero_grad(set_to_none=True)
+                stats["skipped_update"] = 1.0
+                continue
             self.optimizer.step()
             if self.ema is not None:
                 with torch.no_grad():
@@ -189,16 +221,34 @@ class GRPOTrainer:
         start = time.perf_counter()
         batch = self.rollout(iteration)
         rewards = self.score(batch)
+        bad, reasons = self.nonfinite_samples(batch, rewards)
+        # a group with any non-finite member gets constant rewards: zero advantage, no update
+        dropped = bad.view(-1, self.cfg.group_size).any(1).repeat_interleave(self.cfg.group_size)
+        rewards = {n: r.masked_fill(dropped, 0.0) for n, r in rewards.items()}
         adv = self.advantages(rewards)
         stats = self.update(batch, adv)
+        # partial NaN/Inf only costs its groups; an iteration that taught nothing because of
+        # them counts towards optim.max_nonfinite
+        if stats["skipped_update"] or (bad.any() and dropped.all()):
+            self.nonfinite_streak += 1
+            reasons += ["non-finite loss or gradient (update skipped)"] if stats["skipped_update"] else []
+            if self.nonfinite_streak >= self.cfg.optim.max_nonfinite:
+                raise NonFiniteError(
+                    f"stopped at iteration {iteration}: {self.nonfinite_streak} consecutive iterations with NaN/Inf "
+                    f"({'; '.join(reasons)}); weights on disk are finite - fix the reward or lower optim.lr, then --resume"
+                )
+        else:
+            self.nonfinite_streak = 0
         weights = self.cfg.rewards
         total = sum(weights[n] * r for n, r in rewards.items()) / sum(weights.values())
+        ok = ~dropped
         row = {
             "iteration": iteration,
-            "reward_mean": total.mean().item(),
-            "reward_std": total.std().item(),
-            **{f"reward_{n}": r.mean().item() for n, r in rewards.items()},
+            "reward_mean": total[ok].mean().item() if ok.any() else float("nan"),
+            "reward_std": total[ok].std().item() if ok.sum() > 1 else float("nan"),
+            **{f"reward_{n}": r[ok].mean().item() if ok.any() else float("nan") for n, r in rewards.items()},
             **stats,
+            "nonfinite_samples": int(bad.sum()),
             "window_start": min(batch.rollout.transitions.step_index[i] for i in batch.trained),
             "trained_steps": len(batch.trained),
             "model_passes_per_image": self.model_passes(iteration),
@@ -220,11 +270,16 @@ class GRPOTrainer:
         # the embedded rewards are always reported, so reward hacking shows (e.g. noise
         # that composition ignores lowers flatness)
         names = dict.fromkeys([*self.cfg.rewards, "composition", "flatness"])
-        rewards = {n: score(self.rewards.get(n) or get_reward(n), images, self.eval_prompts) for n in names}
+        finite = torch.isfinite(images).flatten(1).all(1)
+        clean = torch.nan_to_num(images, nan=0.0)
+        rewards = {n: score(self.rewards.get(n) or get_reward(n), clean, self.eval_prompts, allow_nonfinite=True)
+                   for n in names}
         weights = self.cfg.rewards
         total = sum(weights[n] * rewards[n] for n in weights) / sum(weights.values())
-        row = {"reward_mean": total.mean().item(), **{f"reward_{n}": r.mean().item() for n, r in rewards.items()},
-               "n": len(self.eval_prompts)}
+        # means over the images every reward could score; `nonfinite` says how many could not
+        ok = finite & torch.stack([torch.isfinite(r) for r in rewards.values()]).all(0)
+        row = {"reward_mean": total[ok].mean().item(), **{f"reward_{n}": r[ok].mean().item() for n, r in rewards.items()},
+               "n": len(self.eval_prompts), "nonfinite": int((~ok).sum())}
         return row, images
 
     # ------------------------------------------------------------------ state
