@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["max_variance_subset"]
+__all__ = ["max_spread_subset", "max_variance_subset"]
 
 
 def max_variance_subset(rewards: torch.Tensor, k: int) -> torch.Tensor:
@@ -50,3 +50,28 @@ def max_variance_subset(rewards: torch.Tensor, k: int) -> torch.Tensor:
     best = int(torch.argmax(variance))
     chosen = torch.cat([order[: k - best], order[g - best :]])
     return torch.sort(chosen).values
+
+
+def max_spread_subset(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of ``k`` rows of ``features`` ``(n, d)`` chosen to keep their spread (total
+    variance ``(1/k) sum_i ||f_i - mu||^2``) high: OVF in a feature space (Pro-GRPO's pruning
+    from latents).
+
+    Greedy backward elimination: removing row ``i`` from a set of ``n`` leaves the sum of
+    squared deviations ``SS - n/(n-1) ||f_i - mu||^2``, so the best single removal is always
+    the row nearest the centroid -- the most "clustered" trajectory. Repeat until ``k`` rows
+    remain. Exact for one removal; a greedy approximation beyond (the exact vector problem is
+    combinatorial). Returns sorted int64 indices; ties go to the lower index.
+    """
+    features = torch.as_tensor(features, dtype=torch.float64).flatten(1)
+    n = features.shape[0]
+    if not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"k must be an integer in [1, n={n}], got {k!r}")
+    if not torch.isfinite(features).all():
+        raise ValueError("features contain NaN or Inf")
+    alive = list(range(n))
+    while len(alive) > k:
+        sub = features[alive]
+        dist = (sub - sub.mean(0)).pow(2).sum(1)
+        alive.pop(int(torch.argmin(dist)))
+    return torch.tensor(alive, dtype=torch.int64)

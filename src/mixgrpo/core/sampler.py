@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -28,7 +29,9 @@ from .steps import (
 
 __all__ = [
     "ODE_SOLVERS",
+    "Pruning",
     "Rollout",
+    "RowVelocity",
     "SamplingPlan",
     "Transitions",
     "Velocity",
@@ -178,8 +181,28 @@ class Rollout:
 
     x0: torch.Tensor
     transitions: Transitions | None
-    model_passes: int
+    model_passes: int  # per row of a full, unshared, unpruned batch (the plan's steps)
     trajectory: list[torch.Tensor] = field(default_factory=list)
+    kept: torch.Tensor | None = None  # original row of each output row (pruning drops rows)
+    row_passes: int = 0  # model evaluations actually made, summed over rows
+
+
+class RowVelocity(Protocol):
+    """A velocity that can be restricted to some of its rows (its conditioning follows)."""
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+    def rows(self, index: torch.Tensor) -> RowVelocity: ...
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """Expand-and-Prune: at each plan step in ``steps``, after the model pass,
+    ``select(step, x0_hat, alive)`` returns the positions (into the current rows) that go on;
+    ``x0_hat = x - t v`` is the predicted clean sample, ``alive`` the rows' original indices."""
+
+    steps: frozenset[int]
+    select: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
@@ -193,6 +216,8 @@ def sample(
     generator: torch.Generator | None = None,
     keep_moments: bool = False,
     keep_trajectory: bool = False,
+    prefix_groups: int | None = None,
+    prune: Pruning | None = None,
 ) -> Rollout:
     """Integrate from ``x_init`` at ``plan.grid[0]`` to ``plan.grid[-1]``.
 
@@ -210,19 +235,47 @@ def sample(
         generator: RNG for the SDE noise.
         keep_moments: also keep each SDE step's mean and std (for a KL term).
         keep_trajectory: keep every intermediate sample (for plots and tests).
+        prefix_groups: shared-prefix rollouts (BranchGRPO-style): rows come in groups of this
+            size that share their initial noise, so every deterministic step before the first
+            SDE step is the same for the whole group; they run once per group and the group
+            branches at the first SDE step. Needs ``velocity.rows``.
+        prune: Expand-and-Prune (Pro-GRPO): at each of ``prune.steps`` the rows kept by
+            ``prune.select`` go on and the others stop (no further model passes). Needs
+            ``velocity.rows``.
     """
     if plan.sde_steps and noise is None:
         raise ValueError("the plan has SDE steps, so an SDENoise must be given")
     grid = plan.grid.tolist()
     x = upcast(x_init)
-    batch = x.shape[0]
+    alive = torch.arange(x.shape[0], device=x.device)  # original rows still being sampled
+    branch_at = _check_branching(x, plan, prefix_groups, prune)
+    step_velocity = velocity
+    if branch_at is not None:
+        x = x[:: prefix_groups]
+        step_velocity = _rows(velocity, alive[:: prefix_groups])
     history_x0: list[torch.Tensor] = []
     history_t: list[float] = []
     recorded: dict[str, list[torch.Tensor]] = {k: [] for k in ("x", "x_next", "log_prob", "mean", "std")}
     trajectory = [x] if keep_trajectory else []
+    row_passes = 0
     for k, kind in enumerate(plan.kinds):
         t, t_next = grid[k], grid[k + 1]
-        v = velocity(x, torch.full((batch,), t, dtype=x.dtype, device=x.device))
+        if k == branch_at:  # the shared prefix ends: every member of the group goes its own way
+            expand = lambda z: z.repeat_interleave(prefix_groups, dim=0)  # noqa: E731
+            x, history_x0 = expand(x), [expand(h) for h in history_x0]
+            trajectory = [expand(z) for z in trajectory]
+            step_velocity = velocity
+        batch = x.shape[0]
+        v = step_velocity(x, torch.full((batch,), t, dtype=x.dtype, device=x.device))
+        row_passes += batch
+        if prune is not None and k in prune.steps:
+            keep = prune.select(k, x0_from_velocity(x, v, t), alive)
+            x, v, alive = x[keep], v[keep], alive[keep]
+            history_x0 = [h[keep] for h in history_x0]
+            recorded = {key: [r[keep] for r in rows] for key, rows in recorded.items()}
+            trajectory = [z[keep] for z in trajectory]
+            step_velocity = _rows(velocity, alive)
+            batch = x.shape[0]
         if kind == "sde":
             step = sde_step(x, v, t, t_next, noise, generator=generator)
             recorded["x"].append(x)
@@ -256,4 +309,30 @@ def sample(
             mean=torch.stack(recorded["mean"]) if keep_moments else None,
             std=torch.stack(recorded["std"]) if keep_moments else None,
         )
-    return Rollout(x0=x, transitions=transitions, model_passes=plan.num_steps, trajectory=trajectory)
+    return Rollout(x0=x, transitions=transitions, model_passes=plan.num_steps, trajectory=trajectory,
+                   kept=alive, row_passes=row_passes)
+
+
+def _rows(velocity: Velocity, index: torch.Tensor) -> Velocity:
+    if not hasattr(velocity, "rows"):
+        raise ValueError("prefix sharing and pruning need a velocity with a .rows(index) method (see RowVelocity)")
+    return velocity.rows(index)
+
+
+def _check_branching(x: torch.Tensor, plan: SamplingPlan, prefix_groups: int | None, prune: Pruning | None) -> int | None:
+    """Validate prefix sharing and pruning; returns the step where a shared prefix branches."""
+    first_sde = plan.sde_steps[0] if plan.sde_steps else plan.num_steps
+    if prune is not None:
+        bad = [k for k in prune.steps if not 0 <= k < plan.num_steps]
+        if bad:
+            raise ValueError(f"prune steps {bad} lie outside the {plan.num_steps}-step plan")
+        if prefix_groups and any(k < first_sde for k in prune.steps):
+            raise ValueError(f"prune steps {sorted(prune.steps)} fall in the shared prefix (before step {first_sde}), "
+                             "where a group's members are identical")
+    if not prefix_groups or prefix_groups == 1:
+        return None
+    if x.shape[0] % prefix_groups:
+        raise ValueError(f"batch {x.shape[0]} is not a multiple of prefix_groups {prefix_groups}")
+    if not torch.equal(x, x[::prefix_groups].repeat_interleave(prefix_groups, dim=0)):
+        raise ValueError("prefix sharing needs every group to share its initial noise (sampler.shared_noise: true)")
+    return first_sde

@@ -47,6 +47,9 @@ class SamplerConfig:
     dpm_order: int = 2  # DPM-Solver++ order for Flash's tail
     guidance: float = 1.0  # classifier-free guidance scale; 1 = a single pass
     shared_noise: bool = True  # all members of a group start from the same noise (MixGRPO)
+    shared_prefix: bool = False  # run the ODE steps before the first SDE step once per group, then branch
+    prune_offsets: list[int] = field(default_factory=list)  # Expand-and-Prune: prune after first SDE step + offset
+    prune_keep: int | None = None  # members per group left after the last prune (group_size is the expanded size)
 
     def validate(self) -> None:
         if self.num_steps < 2:
@@ -61,6 +64,12 @@ class SamplerConfig:
             raise ValueError(f"sampler.flash_compression must be in (0, 1] or null, got {self.flash_compression}")
         if self.flash_compression is not None and self.sde_on != "trained":
             raise ValueError("sampler.flash_compression needs sampler.sde_on='trained' (a window, then the DPM tail)")
+        if self.shared_prefix and not self.shared_noise:
+            raise ValueError("sampler.shared_prefix needs sampler.shared_noise: true (the prefix is shared because the noise is)")
+        if bool(self.prune_offsets) != (self.prune_keep is not None):
+            raise ValueError("Expand-and-Prune needs both sampler.prune_offsets (e.g. [0, 2]) and sampler.prune_keep")
+        if any(o < 0 for o in self.prune_offsets) or len(set(self.prune_offsets)) != len(self.prune_offsets):
+            raise ValueError(f"sampler.prune_offsets must be distinct offsets >= 0 from the first SDE step, got {self.prune_offsets}")
         if not self.noise_level > 0 or not self.shift > 0 or not self.guidance >= 1:
             raise ValueError("sampler.noise_level and sampler.shift must be > 0 and sampler.guidance >= 1")
 
@@ -94,6 +103,7 @@ class LossConfig:
     kl_beta: float = 0.0  # weight of KL to the reference policy (MixGRPO: 0)
     std_mode: str = "group"  # advantage std: per group | global
     multi_reward_mode: str = "normalize_then_sum"  # MixGRPO/DanceGRPO; Flow-GRPO: sum_then_normalize
+    ovf_keep: int | None = None  # Pro-GRPO OVF: train on the k of each group with maximal reward variance
 
     def validate(self) -> None:
         if not self.clip_range > 0:
@@ -174,6 +184,13 @@ class TrainConfig:
             raise ValueError(f"rewards must map reward names to weights >= 0 with a positive sum, got {self.rewards}")
         if self.eval_every < 1 or self.eval_prompts < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("eval_every, eval_prompts, checkpoint_every and keep_checkpoints must be >= 1")
+        survivors = self.sampler.prune_keep if self.sampler.prune_keep is not None else self.group_size
+        if not 2 <= survivors <= self.group_size - (self.sampler.prune_keep is not None):
+            raise ValueError(f"sampler.prune_keep must be in [2, group_size - 1 = {self.group_size - 1}] "
+                             f"(group_size is the expanded group), got {survivors}")
+        if self.loss.ovf_keep is not None and not 2 <= self.loss.ovf_keep < survivors:
+            raise ValueError(f"loss.ovf_keep must be in [2, {survivors - 1}]: k below the (surviving) group of "
+                             f"{survivors}, got {self.loss.ovf_keep}")
         trainable = self.sampler.num_steps - 1
         if self.schedule.name not in ("all", "random_subset") and self.schedule.size > trainable:
             raise ValueError(
@@ -234,6 +251,14 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"{path} must be a mapping like {{composition: 1.0}}, got {value!r}")
         return {str(k): _coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{path} must be a list like [0, 2], got {value!r}")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -77,12 +77,40 @@ def dance_grpo(cfg: TrainConfig) -> None:
     cfg.loss.multi_reward_mode = "normalize_then_sum"
 
 
+def pro_grpo(cfg: TrainConfig) -> None:
+    """Pro-GRPO (Expand-and-Prune) on Flow-GRPO sampling, as its paper builds it: groups start
+    2x expanded (16), and after SDE steps 2 and 5 the members whose predicted clean samples
+    cluster are stopped (16 -> 12 -> 8), so the loss sees 8 diverse trajectories per prompt."""
+    flow_grpo(cfg)
+    cfg.group_size = 16
+    cfg.sampler.prune_offsets, cfg.sampler.prune_keep = [2, 5], 8
+
+
+def mixgrpo_prefix(cfg: TrainConfig) -> None:
+    """MixGRPO with shared-prefix rollouts: a group shares its noise, so the ODE steps before
+    the window run once per group and the members branch at the window. Same samples, fewer
+    passes as the window slides toward the clean end."""
+    mixgrpo(cfg)
+    cfg.sampler.shared_prefix = True
+
+
+def mixgrpo_pro(cfg: TrainConfig) -> None:
+    """Our combination: MixGRPO with a shared prefix, groups expanded to 16 at the window and
+    pruned inside it (after its first two SDE steps: 16 -> 12 -> 8)."""
+    mixgrpo_prefix(cfg)
+    cfg.group_size = 16
+    cfg.sampler.prune_offsets, cfg.sampler.prune_keep = [0, 1], 8
+
+
 PRESETS: dict[str, Callable[[TrainConfig], None]] = {
     "mixgrpo": mixgrpo,
     "mixgrpo-flash": mixgrpo_flash,
     "mixgrpo-flash-star": mixgrpo_flash_star,
     "flow-grpo": flow_grpo,
     "dance-grpo": dance_grpo,
+    "pro-grpo": pro_grpo,
+    "mixgrpo-prefix": mixgrpo_prefix,
+    "mixgrpo-pro": mixgrpo_pro,
 }
 
 

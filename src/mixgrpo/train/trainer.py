@@ -24,6 +24,7 @@ import torch
 from ..core.accounting import count_model_passes
 from ..core.grids import uniform_grid
 from ..core.grpo import Advantages, gaussian_kl, multi_reward_advantages, ppo_clip_loss
+from ..core.ovf import max_variance_subset
 from ..core.sampler import Rollout, SamplingPlan, flash_plan, initial_noise, mixed_plan, sample
 from ..core.steps import SDENoise, gaussian_log_prob, sde_moments
 from ..core.windows import WindowSchedule
@@ -34,6 +35,7 @@ from ..models.tiny_dit import TextCondition, TinyDiT
 from ..rewards import get_reward, score
 from ..text import cached_embeddings
 from ..world.grammar import split_prompts
+from .branching import ConditionedVelocity, make_pruning
 from .config import TrainConfig
 
 __all__ = ["GRPOTrainer", "NonFiniteError", "RolloutBatch"]
@@ -53,6 +55,7 @@ class RolloutBatch:
     images: torch.Tensor  # (N, 3, H, W) in [0, 1]
     trained: list[int]  # positions in rollout.transitions that carry the loss
     plan: SamplingPlan
+    group_size: int  # members per group in this batch (after any pruning)
 
 
 def _generator(seed: int, iteration: int, stream: int) -> torch.Generator:
@@ -111,9 +114,20 @@ class GRPOTrainer:
         return mixed_plan(self.grid, trained, s.ode_solver), trained
 
     def model_passes(self, iteration: int) -> int:
+        """Planned passes per image of a full, unshared, unpruned group."""
         plan, trained = self.plan(iteration)
         passes = count_model_passes(plan, len(trained), cfg=self.cfg.sampler.guidance != 1.0)
         return passes.sampling + passes.training * self.cfg.optim.inner_epochs
+
+    def measured_passes(self, batch: RolloutBatch) -> float:
+        """Model passes actually spent per trained sample: rollout passes (after prefix sharing
+        and pruning) plus loss passes, over the samples that enter the loss (OVF's k per group)."""
+        per_call = 2 if self.cfg.sampler.guidance != 1.0 else 1
+        n_groups = batch.images.shape[0] // batch.group_size
+        trained_samples = n_groups * (self.cfg.loss.ovf_keep or batch.group_size)
+        sampling = batch.rollout.row_passes * per_call
+        training = len(batch.trained) * trained_samples * per_call * self.cfg.optim.inner_epochs
+        return (sampling + training) / trained_samples
 
     @torch.no_grad()
     def rollout(self, iteration: int) -> RolloutBatch:
@@ -128,12 +142,18 @@ class GRPOTrainer:
                            shared=cfg.sampler.shared_noise, generator=gen)
         plan, trained = self.plan(iteration)
         self.model.eval()
-        out = sample(lambda x, t: self.velocity(x, t, cond), x1, plan, self.noise, reduction=cfg.loss.reduction,
-                     generator=gen, keep_moments=cfg.loss.kl_beta > 0)
+        out = sample(ConditionedVelocity(self.velocity, cond), x1, plan, self.noise, reduction=cfg.loss.reduction,
+                     generator=gen, keep_moments=cfg.loss.kl_beta > 0,
+                     prefix_groups=cfg.group_size if cfg.sampler.shared_prefix else None,
+                     prune=make_pruning(plan, cfg.sampler, cfg.group_size))
+        group_size = cfg.group_size
+        if cfg.sampler.prune_keep is not None:
+            group_size = cfg.sampler.prune_keep
+            prompts, cond = [prompts[i] for i in out.kept.tolist()], cond.index(out.kept)
         trained_set = set(trained)
         positions = [i for i, k in enumerate(out.transitions.step_index) if k in trained_set]
         images = ((out.x0 + 1) / 2).clamp(0, 1)
-        return RolloutBatch(prompts, cond, out, images, positions, plan)
+        return RolloutBatch(prompts, cond, out, images, positions, plan, group_size)
 
     def score(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
         """Every reward on the batch; NaN/Inf scores come back as they are (see :meth:`nonfinite_samples`)."""
@@ -159,10 +179,22 @@ class GRPOTrainer:
             bad |= r_bad
         return bad, reasons
 
-    def advantages(self, rewards: dict[str, torch.Tensor]) -> Advantages:
-        loss = self.cfg.loss
-        return multi_reward_advantages(rewards, self.cfg.rewards, self.cfg.group_size, mode=loss.multi_reward_mode,
-                                       std_mode=loss.std_mode, clip=loss.adv_clip)
+    def advantages(self, rewards: dict[str, torch.Tensor], group_size: int | None = None) -> Advantages:
+        """Group advantages; with ``loss.ovf_keep = k`` only the k members of each group whose
+        combined reward has maximal variance (Pro-GRPO's OVF) get one, the rest are not trained."""
+        loss, g = self.cfg.loss, group_size or self.cfg.group_size
+        if loss.ovf_keep is None:
+            return multi_reward_advantages(rewards, self.cfg.rewards, g, mode=loss.multi_reward_mode,
+                                           std_mode=loss.std_mode, clip=loss.adv_clip)
+        weights = self.cfg.rewards
+        total = sum(weights[n] * r for n, r in rewards.items()).view(-1, g)
+        chosen = torch.cat([i * g + max_variance_subset(row, loss.ovf_keep) for i, row in enumerate(total)])
+        sub = multi_reward_advantages({n: r[chosen] for n, r in rewards.items()}, weights, loss.ovf_keep,
+                                      mode=loss.multi_reward_mode, std_mode=loss.std_mode, clip=loss.adv_clip)
+        advantages = torch.zeros(total.numel())
+        valid = torch.zeros(total.numel(), dtype=torch.bool)
+        advantages[chosen], valid[chosen] = sub.advantages, sub.valid
+        return Advantages(advantages, valid, sub.num_zero_variance_groups)
 
     # ------------------------------------------------------------------ update
     def update(self, batch: RolloutBatch, adv: Advantages) -> dict[str, float]:
@@ -223,9 +255,10 @@ class GRPOTrainer:
         rewards = self.score(batch)
         bad, reasons = self.nonfinite_samples(batch, rewards)
         # a group with any non-finite member gets constant rewards: zero advantage, no update
-        dropped = bad.view(-1, self.cfg.group_size).any(1).repeat_interleave(self.cfg.group_size)
+        g = batch.group_size
+        dropped = bad.view(-1, g).any(1).repeat_interleave(g)
         rewards = {n: r.masked_fill(dropped, 0.0) for n, r in rewards.items()}
-        adv = self.advantages(rewards)
+        adv = self.advantages(rewards, g)
         stats = self.update(batch, adv)
         # partial NaN/Inf only costs its groups; an iteration that taught nothing because of
         # them counts towards optim.max_nonfinite
@@ -251,7 +284,7 @@ class GRPOTrainer:
             "nonfinite_samples": int(bad.sum()),
             "window_start": min(batch.rollout.transitions.step_index[i] for i in batch.trained),
             "trained_steps": len(batch.trained),
-            "model_passes_per_image": self.model_passes(iteration),
+            "model_passes_per_image": self.measured_passes(batch),
             "zero_std_groups": adv.num_zero_variance_groups,
             "iter_time_s": time.perf_counter() - start,
         }
