@@ -206,7 +206,6 @@ def eval_(
         for name in names:
             get_reward(name)
         policies = [load_policy(c) for c in (checkpoint or ["base"])]
-        out.parent.mkdir(parents=True, exist_ok=True)
     except (ValueError, KeyError, FileNotFoundError, OSError) as err:
         _fail(str(err.args[0]) if isinstance(err, KeyError) else str(err))
     results = []
@@ -223,6 +222,7 @@ def eval_(
     except ValueError as err:
         _fail(str(err))
     table = markdown_table(results)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"prompts": prompts, "steps": steps, "solver": solver, "cfg": cfg, "results": results}, indent=1) + "\n")
     if len(results) > 1:
         out.with_suffix(".md").write_text(table)
@@ -257,19 +257,24 @@ def bench(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a value in every arm (repeatable).")] = None,
 ) -> None:
     """Run methods (or MixGRPO ablations) side by side: cost, reward, time to DanceGRPO's reward."""
-    from .bench import run_bench
+    from .bench import plan_bench, run_bench
 
     names = [p.strip() for p in presets.split(",") if p.strip()] if presets else None
     try:
+        plan = plan_bench(out, presets=names, seeds=seeds, iterations=iterations, quick=quick, ablate=ablate,
+                          overrides=list(set_ or []))
+    except ValueError as err:
+        _fail(str(err))
+    total = len(plan.arms) * plan.seeds * plan.iterations
+    try:
         with Progress(TextColumn("bench"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                       TimeElapsedColumn(), console=console) as progress:
-            task = progress.add_task("bench", total=None, info="building arms, evaluating the start...")
+            task = progress.add_task("bench", total=total, info="evaluating the start...")
 
             def show(label: str, iteration: int) -> None:
                 progress.update(task, advance=1, info=f"{label} iter {iteration + 1}")
 
-            rows = run_bench(out, presets=names, seeds=seeds, iterations=iterations, quick=quick, ablate=ablate,
-                             overrides=list(set_ or []), on_progress=show)
+            rows = run_bench(plan, on_progress=show)
     except ValueError as err:
         _fail(str(err))
     console.print((out / "bench.md").read_text(), highlight=False, markup=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,23 @@ from .arms import ABLATIONS, DEFAULT_PRESETS, QUICK, ablation_arms, preset_arms
 from .report import write_report
 from .runner import Arm, ArmResult, run_arms
 
-__all__ = ["ABLATIONS", "DEFAULT_PRESETS", "Arm", "ArmResult", "run_arms", "run_bench"]
+__all__ = ["ABLATIONS", "DEFAULT_PRESETS", "Arm", "ArmResult", "BenchPlan", "plan_bench", "run_arms", "run_bench"]
 
 
-def run_bench(
+@dataclass
+class BenchPlan:
+    """A validated bench: the arms and how long to run them."""
+
+    out: Path
+    arms: list[Arm]
+    seeds: int
+    iterations: int
+    evals: int
+    title: str
+    config: dict[str, Any]
+
+
+def plan_bench(
     out: str | Path,
     *,
     presets: list[str] | None = None,
@@ -23,9 +37,8 @@ def run_bench(
     ablate: str | None = None,
     overrides: list[str] | None = None,
     evals: int | None = None,
-    on_progress: Callable[[str, int], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Build the arms, run them interleaved and write the report; returns its rows.
+) -> BenchPlan:
+    """Check every input and build the arms (nothing runs, nothing is written).
 
     Defaults: the four presets of :data:`DEFAULT_PRESETS`, 3 seeds, 60 iterations, 4
     evaluations on 128 held-out prompts; ``quick`` shrinks them (:data:`QUICK`)."""
@@ -43,12 +56,15 @@ def run_bench(
     if ablate is not None:
         if presets:
             raise ValueError("--ablate compares MixGRPO variants; drop --presets")
-        arms = ablation_arms(ablate, shared)
-        title = f"MixGRPO ablation: {ablate}"
+        arms, title = ablation_arms(ablate, shared), f"MixGRPO ablation: {ablate}"
     else:
-        arms = preset_arms(presets or base["presets"], shared)
-        title = "Methods side by side"
-    results = run_arms(arms, list(range(seeds)), iterations, evals=evals, on_progress=on_progress)
+        arms, title = preset_arms(presets or base["presets"], shared), "Methods side by side"
     config = {"arms": [a.label for a in arms], "seeds": seeds, "iterations": iterations, "evals": evals,
               "overrides": shared, "quick": quick, "ablate": ablate}
-    return write_report(out, results, title=title, config=config)
+    return BenchPlan(out, arms, seeds, iterations, evals, title, config)
+
+
+def run_bench(plan: BenchPlan, on_progress: Callable[[str, int], None] | None = None) -> list[dict[str, Any]]:
+    """Run the plan's arms interleaved and write the report; returns its rows."""
+    results = run_arms(plan.arms, list(range(plan.seeds)), plan.iterations, evals=plan.evals, on_progress=on_progress)
+    return write_report(plan.out, results, title=plan.title, config=plan.config)

@@ -1,0 +1,81 @@
+"""Every CLI command, fed bad input: exit code 2, one line naming the fix, no traceback, and
+nothing written where the output would have gone."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from mixgrpo.cli import app
+
+runner = CliRunner()
+
+# (command line with OUT for the output path, text the message must contain)
+CASES = [
+    ("train --out OUT --preset mixgrp", "did you mean 'mixgrpo'"),
+    ("train --out OUT --set optim.lrr=1", "unknown config key 'optim.lrr'"),
+    ("train --out OUT --set optim.lr=fast", "optim.lr must be float"),
+    ("train --out OUT --set iterations", "--set expects key=value"),
+    ("train --out OUT --set schedule.size=30", "larger than the 24 trainable steps"),
+    ("train --out OUT --set group_size=1", "group_size must be >= 2"),
+    ("train --out OUT --set loss.ovf_keep=8", "loss.ovf_keep must be in [2, 7]"),
+    ("train --out OUT --set sampler.shared_prefix=true --set sampler.shared_noise=false", "needs sampler.shared_noise"),
+    ("train --out OUT --set sampler.prune_offsets=[0]", "needs both sampler.prune_offsets"),
+    ("train --out OUT --set optim.max_nonfinite=0", "optim.max_nonfinite must be >= 1"),
+    ("train --out OUT --resume", "holds no run"),
+    ("train --out OUT --config missing.yaml", "missing.yaml"),
+    ("train --out OUT --config bad.yaml", "bad.yaml"),
+    ("sample --out OUT --prompt 'two red circles' --blend 1.5", "--blend must be in [0, 1]"),
+    ("sample --out OUT --prompt 'two red circles' --steps 0", "--steps must be >= 1"),
+    ("sample --out OUT --prompt a --prompts p.txt", "either --prompt TEXT"),
+    ("sample --out OUT --prompts missing.txt", "prompt file missing.txt does not exist"),
+    ("sample --out OUT --prompts empty.txt", "holds no prompts"),
+    ("sample --out OUT --prompt 'two red circles' --solver rk4", "unknown ODE solver"),
+    ("sample --out OUT --prompt 'two red circles' --checkpoint nowhere", "checkpoint nowhere does not exist"),
+    ("sample --out OUT --prompt 'two red circles' --checkpoint emptydir", "holds no weights"),
+    ("eval --out OUT --rewards composition,beauty", "unknown reward 'beauty'"),
+    ("eval --out OUT --rewards ,", "--rewards is empty"),
+    ("eval --out OUT --blend 0,x", "--blend takes numbers"),
+    ("eval --out OUT --seeds 0", "--seeds and --steps must be >= 1"),
+    ("eval --out OUT --prompts bad.jsonl", "bad.jsonl:2: invalid JSON"),
+    ("eval --out OUT --prompts nofield.json", "item 1: object has no 'prompt' field"),
+    ("eval --out OUT --limit 0", "--limit must be >= 1"),
+    ("export --run nowhere --out OUT", "not a run folder"),
+    ("bench --out OUT --ablate lr", "unknown ablation 'lr'"),
+    ("bench --out OUT --ablate window --presets mixgrpo", "drop --presets"),
+    ("bench --out OUT --presets mixgrpo,dance", "unknown preset 'dance'"),
+    ("bench --out OUT --seeds 0", "--seeds, --iterations and evaluations must be >= 1"),
+    ("pretrain --out OUT --steps 0", "must be >= 1"),
+    ("pretrain --out OUT --width 30 --heads 4", "divisible by heads"),
+]
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "p.txt").write_text("two red circles\n")
+    (tmp_path / "bad.yaml").write_text("optim: [unclosed\n")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "two red circles"}\n{"prompt": \n')
+    (tmp_path / "nofield.json").write_text('[{"prompt": "two red circles"}, {"text": "x"}]')
+    (tmp_path / "emptydir").mkdir()
+    return tmp_path
+
+
+def test_the_suite_covers_every_command():
+    assert len(CASES) >= 20
+    assert {c.split()[0] for c, _ in CASES} == {"train", "sample", "eval", "export", "bench", "pretrain"}
+
+
+@pytest.mark.parametrize(("command", "message"), CASES, ids=[c for c, _ in CASES])
+def test_bad_input_gives_one_line_and_leaves_nothing_behind(workdir, command, message):
+    import shlex
+
+    before = sorted(p.name for p in workdir.iterdir())
+    out = "result.png" if command.startswith("sample") else "result.json" if command.startswith("eval") else "outdir"
+    result = runner.invoke(app, [a.replace("OUT", out) for a in shlex.split(command)])
+    assert result.exit_code == 2, result.output
+    text = result.output.strip()
+    assert message in " ".join(text.split()), text
+    assert text.count("\n") == 0 and "Traceback" not in text, text
+    assert sorted(p.name for p in workdir.iterdir()) == before  # no output, no partial file
