@@ -59,6 +59,9 @@ def test_summary_ratios_gains_and_time_to_target():
     assert rows["mixgrpo"]["time_to_target_s"] == 4.0  # reached 0.6 after 2 iterations of 2 s
     assert rows["dance-grpo"]["time_to_target_s"] == 16.0
     assert rows["slow"]["time_to_target_s"] is None and rows["slow"]["paper_time_ratio"] is None
+    flat = {r["preset"]: r for r in summarise([_result("dance-grpo", 0, [1.0], [(0, 0.5), (1, 0.45)]),
+                                                _result("mixgrpo", 0, [1.0], [(0, 0.5), (1, 0.6)])])}
+    assert flat["mixgrpo"]["target_reward"] is None and flat["mixgrpo"]["time_to_target_s"] is None
     no_reference = summarise([_result("mixgrpo", 0, [1.0], [(0, 0.1), (1, 0.2)])])
     assert no_reference[0]["time_ratio_vs_dance_grpo"] is None and no_reference[0]["time_to_target_s"] is None
 
