@@ -73,7 +73,7 @@ def encode_prompts(prompts: list[str], batch_size: int = 256) -> PromptEmbedding
     hf_logging.disable_progress_bar()
     path = encoder_path()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()  # never unpickle
     tokens, masks, pooled = [], [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
