@@ -215,10 +215,16 @@ def eval_(
                       TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("eval", total=total, info="")
             for policy in policies:
+                plain = None
                 for b in blends:
                     progress.update(task, info=f"{policy.name} blend {b:g}")
+                    if policy.base is policy.model and plain is not None:  # blending a model with itself
+                        results.append({**plain, "blend": b})
+                        progress.advance(task, seeds * len(chosen))
+                        continue
                     results.append(evaluate_policy(policy, chosen, names, blend=b, seeds=seeds, steps=steps, solver=solver,
                                                    guidance=cfg, on_images=lambda k: progress.advance(task, k)))
+                    plain = results[-1]
     except ValueError as err:
         _fail(str(err))
     table = markdown_table(results)
