@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .diffusers_io import load_transformer
+
 __all__ = ["FLUX_LORA_TARGETS", "FluxCondition", "FluxVelocityModel", "LatentSpec", "load_flux_transformer",
            "pack_latents", "unpack_latents"]
 
@@ -121,20 +123,5 @@ class FluxVelocityModel(nn.Module):
 
 
 def load_flux_transformer(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A ``FluxTransformer2DModel`` from a local folder: a pipeline folder (its ``transformer/``)
-    or the transformer folder itself; safetensors only, never the network."""
-    from diffusers import FluxTransformer2DModel
-
-    folder = Path(folder)
-    sub = folder / "transformer"
-    target = sub if (sub / "config.json").is_file() else folder
-    config = target / "config.json"
-    if not config.is_file():
-        found = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) if folder.is_dir() else "nothing"
-        raise FileNotFoundError(f"no FLUX transformer in {folder} (no config.json there or in transformer/; found: {found})")
-    import json
-
-    cls = json.loads(config.read_text()).get("_class_name")
-    if cls != "FluxTransformer2DModel":
-        raise ValueError(f"{config} describes {cls!r}, not a FluxTransformer2DModel")
-    return FluxTransformer2DModel.from_pretrained(target, torch_dtype=dtype, local_files_only=True, use_safetensors=True)
+    """A ``FluxTransformer2DModel`` from a local pipeline or transformer folder (safetensors only)."""
+    return load_transformer(folder, "FluxTransformer2DModel", dtype)
