@@ -45,6 +45,8 @@ CASES = [
     ("bench --out OUT --ablate window --presets mixgrpo", "drop --presets"),
     ("bench --out OUT --presets mixgrpo,dance", "unknown preset 'dance'"),
     ("bench --out OUT --seeds 0", "--seeds, --iterations and evaluations must be >= 1"),
+    ("preprocess --model emptydir --prompts p.txt --out OUT", "not a diffusers pipeline folder"),
+    ("preprocess --model emptydir --prompts empty.txt --out OUT", "holds no prompts"),
     ("pretrain --out OUT --steps 0", "must be >= 1"),
     ("pretrain --out OUT --width 30 --heads 4", "divisible by heads"),
 ]
@@ -64,7 +66,7 @@ def workdir(tmp_path, monkeypatch):
 
 def test_the_suite_covers_every_command():
     assert len(CASES) >= 20
-    assert {c.split()[0] for c, _ in CASES} == {"train", "sample", "eval", "export", "bench", "pretrain"}
+    assert {c.split()[0] for c, _ in CASES} == {"train", "sample", "eval", "export", "bench", "pretrain", "preprocess"}
 
 
 @pytest.mark.parametrize(("command", "message"), CASES, ids=[c for c, _ in CASES])

@@ -287,6 +287,32 @@ def bench(
     console.print(f"wrote {out}/bench.json, bench.md, reward_vs_time.png, reward_vs_iteration.png ({len(rows)} rows)")
 
 
+@app.command()
+def preprocess(
+    model: Annotated[Path, typer.Option(help="Local diffusers pipeline folder (FLUX or SD3/SD3.5).")],
+    prompts: Annotated[str, typer.Option(help="Prompt file: .txt (one per line), .json or .jsonl with a 'prompt' field.")],
+    out: Annotated[Path, typer.Option(help="New folder for the embedding shards and index.json.")],
+    max_sequence_length: Annotated[int | None, typer.Option(help="T5 tokens (default: FLUX 512, SD3 256).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per encoder batch.")] = 16,
+) -> None:
+    """Precompute text embeddings with the pipeline's own encoders (offline, safetensors shards)."""
+    from .data import read_prompt_file
+    from .text.preprocess import preprocess_prompts
+
+    try:
+        if batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        chosen = read_prompt_file(prompts)
+        with Progress(TextColumn("preprocess"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as progress:
+            task = progress.add_task("preprocess", total=len(chosen))
+            folder = preprocess_prompts(model, chosen, out, max_sequence_length=max_sequence_length,
+                                        batch_size=batch_size, on_batch=lambda k: progress.advance(task, k))
+    except (ValueError, FileNotFoundError, OSError) as err:
+        _fail(str(err))
+    console.print(f"wrote {folder}: {len(chosen)} prompts")
+
+
 def _merge(base: dict, update: dict) -> None:
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "rewards":
