@@ -297,12 +297,18 @@ def preprocess(
 ) -> None:
     """Precompute text embeddings with the pipeline's own encoders (offline, safetensors shards)."""
     from .data import read_prompt_file
-    from .text.preprocess import preprocess_prompts
+    from .text.preprocess import pipeline_class, preprocess_prompts
 
     try:
         if batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
         chosen = read_prompt_file(prompts)
+        pipeline_class(model)
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"{out} is not empty; choose a new --out (preprocess never overwrites embeddings)")
+    except (ValueError, FileNotFoundError, OSError) as err:
+        _fail(str(err))
+    try:
         with Progress(TextColumn("preprocess"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console) as progress:
             task = progress.add_task("preprocess", total=len(chosen))

@@ -23,16 +23,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["SUPPORTED_PIPELINES", "load_embeddings", "preprocess_prompts"]
+__all__ = ["SUPPORTED_PIPELINES", "load_embeddings", "pipeline_class", "preprocess_prompts"]
 
 SUPPORTED_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline")
 INDEX = "index.json"
 
 
-def _pipeline_class(model_dir: Path) -> str:
+def pipeline_class(model_dir: str | Path) -> str:
+    """The supported pipeline class named by ``model_dir/model_index.json``, or a clear error."""
+    model_dir = Path(model_dir)
     index = model_dir / "model_index.json"
     if not index.is_file():
-        found = ", ".join(sorted(p.name for p in model_dir.iterdir())[:8]) if model_dir.is_dir() else "nothing"
+        found = ", ".join(sorted(p.name for p in model_dir.iterdir())[:8]) if model_dir.is_dir() else ""
+        found = found or "nothing"
         raise FileNotFoundError(f"{model_dir} is not a diffusers pipeline folder (no model_index.json; found: {found})")
     name = json.loads(index.read_text()).get("_class_name")
     if name not in SUPPORTED_PIPELINES:
@@ -55,7 +58,7 @@ def preprocess_prompts(
     import diffusers
 
     model_dir, out = Path(model_dir), Path(out)
-    name = _pipeline_class(model_dir)
+    name = pipeline_class(model_dir)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty; choose a new --out (preprocess never overwrites embeddings)")
     if not prompts:
