@@ -26,7 +26,8 @@ from ..core.sampler import Velocity, mixed_plan, sample
 from ..models.tiny_dit import TextCondition
 from ..text import PromptEmbeddings
 
-__all__ = ["EVAL_CHUNK", "VelocityModel", "blended_velocity", "condition", "generate", "generate_prompts"]
+__all__ = ["EVAL_CHUNK", "VelocityModel", "blended_velocity", "condition", "generate", "generate_prompts",
+           "pixels_from_samples"]
 
 EVAL_CHUNK = 64  # prompts per batch; chunk c draws its noise from seed + c * EVAL_CHUNK
 
@@ -78,10 +79,13 @@ def generate(
     seed: int = 0,
     blend: float = 0.0,
     base: VelocityModel | None = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Deterministic ODE sampling from ``randn(seed)``; returns images ``(B, 3, H, W)`` in ``[0, 1]``.
 
-    ``blend`` > 0 runs the final fraction of the steps with ``base`` (see the module doc)."""
+    ``blend`` > 0 runs the final fraction of the steps with ``base`` (see the module doc).
+    ``decode`` maps final samples to images (a VAE for latent models); the default is the
+    embedded model's ``(x + 1) / 2``."""
     cfg = model.config
     if switch_step(steps, blend) < steps and base is None:
         raise ValueError("blend > 0 needs the base model to blend with")
@@ -91,12 +95,17 @@ def generate(
     if base is not None:
         velocity = blended_velocity(velocity, lambda x, t: base.velocity(x, t, cond, guidance), grid, blend)
     out = sample(velocity, x1, mixed_plan(grid, [], solver))
-    return ((out.x0 + 1) / 2).clamp(0, 1)
+    return (decode or pixels_from_samples)(out.x0)
+
+
+def pixels_from_samples(x0: torch.Tensor) -> torch.Tensor:
+    """The embedded model works in pixel space scaled to [-1, 1]."""
+    return ((x0 + 1) / 2).clamp(0, 1)
 
 
 def generate_prompts(
     model: VelocityModel,
-    embeddings: PromptEmbeddings,
+    conditions: PromptEmbeddings | Callable[[Sequence[str]], object],
     prompts: Sequence[str],
     *,
     seed: int = 0,
@@ -104,11 +113,13 @@ def generate_prompts(
     **kwargs,
 ) -> torch.Tensor:
     """:func:`generate` over many prompts in chunks of :data:`EVAL_CHUNK`; chunk ``c`` uses
-    seed ``seed + c * EVAL_CHUNK``, so results do not depend on the caller."""
+    seed ``seed + c * EVAL_CHUNK``, so results do not depend on the caller. ``conditions``
+    is the embedded model's :class:`PromptEmbeddings` or any ``prompts -> condition``."""
+    to_condition = conditions if callable(conditions) else (lambda chunk: condition(conditions, chunk))
     images = []
     for start in range(0, len(prompts), EVAL_CHUNK):
         chunk = prompts[start : start + EVAL_CHUNK]
-        images.append(generate(model, condition(embeddings, chunk), seed=seed + start, **kwargs).float())
+        images.append(generate(model, to_condition(chunk), seed=seed + start, **kwargs).float())
         if on_chunk is not None:
             on_chunk(len(chunk))
     return torch.cat(images)

@@ -32,18 +32,19 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def _lora_config(rank: int, alpha: float):
+def _lora_config(rank: int, alpha: float, targets: list[str] | None = None):
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS))
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets or LORA_TARGETS))
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
-    """Freeze ``model`` and inject a trainable rank-``rank`` adapter (``W + (alpha/r) B A``)."""
+def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str] | None = None) -> nn.Module:
+    """Freeze ``model`` and inject a trainable rank-``rank`` adapter (``W + (alpha/r) B A``)
+    into the modules named by ``targets`` (default: the embedded model's :data:`LORA_TARGETS`)."""
     from peft import inject_adapter_in_model
 
     model.requires_grad_(False)
-    inject_adapter_in_model(_lora_config(rank, alpha), model)
+    inject_adapter_in_model(_lora_config(rank, alpha, targets), model)
     return model
 
 

@@ -143,12 +143,26 @@ class OptimConfig:
 
 @dataclass
 class ModelConfig:
-    checkpoint: str | None = None  # model folder; None = the shipped embedded base
+    kind: str = "tiny-dit"  # tiny-dit (embedded) | flux | sd3 (diffusers, from local folders)
+    checkpoint: str | None = None  # tiny-dit: model folder; None = the shipped embedded base
+    path: str | None = None  # flux/sd3: local diffusers pipeline folder
+    embeddings: str | None = None  # flux/sd3: `mixgrpo preprocess` output of the training prompts
+    eval_embeddings: str | None = None  # flux/sd3: same for evaluation prompts (default: `embeddings`)
+    image_size: int = 512  # flux/sd3: pixels per side (latents are image_size / VAE factor)
+    flux_guidance: float = 3.5  # FLUX.1-dev's distilled guidance (MixGRPO: 3.5)
     lora_rank: int = 0  # 0 = full fine-tuning; > 0 trains a peft LoRA adapter
     lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=list)  # empty = the model's default attention projections
     dtype: str = "float32"  # float32 | bfloat16 (autocast of the model's forward)
 
     def validate(self) -> None:
+        if self.kind not in ("tiny-dit", "flux", "sd3"):
+            raise ValueError(f"model.kind must be tiny-dit, flux or sd3, got {self.kind!r}")
+        if self.kind != "tiny-dit" and (not self.path or not self.embeddings):
+            raise ValueError(f"model.kind={self.kind} needs model.path (a local pipeline folder) and model.embeddings "
+                             "(run `mixgrpo preprocess` first)")
+        if self.image_size < 8:
+            raise ValueError(f"model.image_size must be >= 8, got {self.image_size}")
         if self.lora_rank < 0:
             raise ValueError(f"model.lora_rank must be >= 0, got {self.lora_rank}")
         if self.dtype not in ("float32", "bfloat16"):

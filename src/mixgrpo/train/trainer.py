@@ -28,13 +28,11 @@ from ..core.ovf import max_variance_subset
 from ..core.sampler import Rollout, SamplingPlan, flash_plan, initial_noise, mixed_plan, sample
 from ..core.steps import SDENoise, gaussian_log_prob, sde_moments
 from ..core.windows import WindowSchedule
-from ..inference.generate import condition, generate_prompts
-from ..models.checkpoint import load_tiny_dit
+from ..inference.generate import generate_prompts
 from ..models.lora import adapters_disabled, add_lora
-from ..models.tiny_dit import TextCondition, TinyDiT
+from ..models.tiny_dit import TextCondition
 from ..rewards import get_reward, score
-from ..text import cached_embeddings
-from ..world.grammar import split_prompts
+from .backends import make_backend
 from .branching import ConditionedVelocity, make_pruning
 from .config import TrainConfig
 
@@ -65,22 +63,19 @@ def _generator(seed: int, iteration: int, stream: int) -> torch.Generator:
 class GRPOTrainer:
     """Holds the policy, optimizer and data; :meth:`step` runs one GRPO iteration."""
 
-    def __init__(self, cfg: TrainConfig, model: TinyDiT | None = None):
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module | None = None):
         self.cfg = cfg.validate()
-        self.model = model if model is not None else load_tiny_dit(cfg.model.checkpoint)
-        self.reference: TinyDiT | None = None
+        self.backend = make_backend(cfg, model)
+        self.model = self.backend.model
+        self.reference: torch.nn.Module | None = None
         if cfg.model.lora_rank > 0:
-            add_lora(self.model, cfg.model.lora_rank, cfg.model.lora_alpha)
+            add_lora(self.backend.lora_module, cfg.model.lora_rank, cfg.model.lora_alpha, self.backend.lora_targets)
         elif cfg.loss.kl_beta > 0:
             self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.ema = [p.detach().clone() for p in self.params] if cfg.optim.ema else None
-        self.train_prompts, heldout = split_prompts()
-        from ..world.bench import heldout_eval_prompts
-
-        self.eval_prompts = heldout_eval_prompts(min(cfg.eval_prompts, len(heldout)))
-        self.embeddings = cached_embeddings(self.train_prompts + heldout)
+        self.train_prompts, self.eval_prompts = self.backend.train_prompts, self.backend.eval_prompts
         self.rewards = {name: get_reward(name) for name in cfg.rewards}
         s = cfg.sampler
         self.noise = SDENoise(s.sde_kind, s.noise_level)
@@ -135,7 +130,7 @@ class GRPOTrainer:
         rng = np.random.default_rng([cfg.seed, iteration, 1])
         picks = rng.choice(len(self.train_prompts), size=cfg.prompts_per_iter, replace=False)
         prompts = [self.train_prompts[i] for i in picks for _ in range(cfg.group_size)]
-        cond = condition(self.embeddings, prompts)
+        cond = self.backend.condition(prompts)
         gen = _generator(cfg.seed, iteration, 2)
         mc = self.model.config
         x1 = initial_noise(cfg.prompts_per_iter, cfg.group_size, (mc.channels, mc.image_size, mc.image_size),
@@ -152,7 +147,7 @@ class GRPOTrainer:
             prompts, cond = [prompts[i] for i in out.kept.tolist()], cond.index(out.kept)
         trained_set = set(trained)
         positions = [i for i, k in enumerate(out.transitions.step_index) if k in trained_set]
-        images = ((out.x0 + 1) / 2).clamp(0, 1)
+        images = self.backend.decode(out.x0)
         return RolloutBatch(prompts, cond, out, images, positions, plan, group_size)
 
     def score(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
@@ -298,11 +293,11 @@ class GRPOTrainer:
         self.model.eval()
         s = self.cfg.sampler
         with self.autocast:
-            images = generate_prompts(self.model, self.embeddings, self.eval_prompts, seed=seed, steps=s.num_steps,
-                                      shift=s.shift, guidance=s.guidance)
+            images = generate_prompts(self.model, self.backend.condition, self.eval_prompts, seed=seed,
+                                      steps=s.num_steps, shift=s.shift, guidance=s.guidance, decode=self.backend.decode)
         # the embedded rewards are always reported, so reward hacking shows (e.g. noise
         # that composition ignores lowers flatness)
-        names = dict.fromkeys([*self.cfg.rewards, "composition", "flatness"])
+        names = dict.fromkeys([*self.cfg.rewards, *(("composition", "flatness") if self.backend.embedded_world else ())])
         finite = torch.isfinite(images).flatten(1).all(1)
         clean = torch.nan_to_num(images, nan=0.0)
         rewards = {n: score(self.rewards.get(n) or get_reward(n), clean, self.eval_prompts, allow_nonfinite=True)
