@@ -108,6 +108,9 @@ def _load_run(folder: Path, name: str, ema: bool) -> Policy:
     from ..train.config import config_from_dict
 
     cfg = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text())).validate()
+    if cfg.model.kind != "tiny-dit":
+        raise ValueError(f"{folder} is a model.kind={cfg.model.kind} run; sample/eval/export read embedded-model "
+                         "runs only so far (use its checkpoint weights with diffusers directly)")
     index = folder / "checkpoints" / "latest.json"
     if not index.is_file():
         raise FileNotFoundError(f"run folder {folder} has no checkpoint yet ({index} is missing); wait for its first checkpoint or pass another --checkpoint")
