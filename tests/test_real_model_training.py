@@ -48,6 +48,10 @@ def test_lora_grpo_on_flux_changes_only_the_adapter(flux, preset, tmp_path):
     after = dict(transformer.named_parameters())
     assert all(torch.equal(after[n], v) for n, v in base.items())  # base weights bitwise unchanged
     assert any(not torch.equal(after[n], v) for n, v in lora.items())  # the adapter learned
+    from mixgrpo.inference.policy import load_policy
+
+    with pytest.raises(ValueError, match="embedded-model runs only"):
+        load_policy(tmp_path / "run")
     batch = trainer.rollout(0)
     assert batch.images.shape == (6, 3, 16, 16) and batch.images.min() >= 0 and batch.images.max() <= 1
 
