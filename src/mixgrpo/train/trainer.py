@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.accounting import count_model_passes
 from ..core.grids import uniform_grid
 from ..core.grpo import Advantages, gaussian_kl, multi_reward_advantages, ppo_clip_loss
 from ..core.ovf import max_variance_subset
@@ -107,12 +106,6 @@ class GRPOTrainer:
         if s.flash_compression is not None:
             return flash_plan(s.num_steps, trained, s.flash_compression, s.shift, s.dpm_order), trained
         return mixed_plan(self.grid, trained, s.ode_solver), trained
-
-    def model_passes(self, iteration: int) -> int:
-        """Planned passes per image of a full, unshared, unpruned group."""
-        plan, trained = self.plan(iteration)
-        passes = count_model_passes(plan, len(trained), cfg=self.cfg.sampler.guidance != 1.0)
-        return passes.sampling + passes.training * self.cfg.optim.inner_epochs
 
     def measured_passes(self, batch: RolloutBatch) -> float:
         """Model passes actually spent per trained sample: rollout passes (after prefix sharing
