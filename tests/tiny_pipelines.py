@@ -58,3 +58,42 @@ def make_tiny_flux_pipeline(folder: Path) -> Path:
                         text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
     pipe.save_pretrained(folder)
     return folder
+
+
+def make_tiny_sd3_pipeline(folder: Path) -> Path:
+    """A StableDiffusion3Pipeline (two CLIPs with projections, 16-d each; T5 32-d; 4-channel VAE;
+    one-block transformer) saved to ``folder``. The joint CLIP states (16 + 16) match T5's 32."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+
+    def clip(name: str):
+        tok, vocab = _clip_tokenizer(folder.parent / (folder.name + f"-{name}"))
+        model = CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=8, projection_dim=16))
+        return tok, model
+
+    tok1, clip1 = clip("clip1")
+    tok2, clip2 = clip("clip2")
+    t5_tok, t5_vocab = _t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=t5_vocab, d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=2))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 8], layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=16, shift_factor=0.0609,
+                        scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                                        pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16)
+    pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=clip1,
+                                    tokenizer=tok1, text_encoder_2=clip2, tokenizer_2=tok2, text_encoder_3=t5,
+                                    tokenizer_3=t5_tok, transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder

@@ -176,7 +176,9 @@ def sde_step(
     """
     mean, std = sde_moments(x, v, t, t_next, noise)
     if eps is None:
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        # drawn where the generator lives (the CPU in the trainer): the same noise on any device
+        where = generator.device if generator is not None else mean.device
+        eps = torch.randn(mean.shape, generator=generator, device=where, dtype=mean.dtype).to(mean.device)
     return SDETransition(x_next=mean + std * eps.to(mean.dtype), mean=mean, std=std)
 
 

@@ -80,8 +80,10 @@ def generate(
     blend: float = 0.0,
     base: VelocityModel | None = None,
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Deterministic ODE sampling from ``randn(seed)``; returns images ``(B, 3, H, W)`` in ``[0, 1]``.
+    """Deterministic ODE sampling from ``randn(seed)`` (drawn on the CPU, then moved to
+    ``device``); returns images ``(B, 3, H, W)`` in ``[0, 1]`` on the CPU.
 
     ``blend`` > 0 runs the final fraction of the steps with ``base`` (see the module doc).
     ``decode`` maps final samples to images (a VAE for latent models); the default is the
@@ -89,13 +91,14 @@ def generate(
     cfg = model.config
     if switch_step(steps, blend) < steps and base is None:
         raise ValueError("blend > 0 needs the base model to blend with")
-    x1 = torch.randn(len(cond), cfg.channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(seed))
+    x1 = torch.randn(len(cond), cfg.channels, cfg.image_size, cfg.image_size,
+                     generator=torch.Generator().manual_seed(seed)).to(device)
     grid = uniform_grid(steps, shift=shift)
     velocity: Velocity = lambda x, t: model.velocity(x, t, cond, guidance)  # noqa: E731
     if base is not None:
         velocity = blended_velocity(velocity, lambda x, t: base.velocity(x, t, cond, guidance), grid, blend)
     out = sample(velocity, x1, mixed_plan(grid, [], solver))
-    return (decode or pixels_from_samples)(out.x0)
+    return (decode or pixels_from_samples)(out.x0).cpu()
 
 
 def pixels_from_samples(x0: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"weights file {path} is corrupt or not safetensors ({err})") from err
 
 
-def _load_named(model: TinyDiT, names: list[str], state: dict[str, torch.Tensor], source: Path) -> None:
+def load_named(model: torch.nn.Module, names: list[str], state: dict[str, torch.Tensor], source: Path) -> None:
     params = dict(model.named_parameters())
     missing = [n for n in names if n not in state]
     if missing:
@@ -102,15 +102,8 @@ def _load_named(model: TinyDiT, names: list[str], state: dict[str, torch.Tensor]
             params[name].copy_(state[name])
 
 
-def _load_run(folder: Path, name: str, ema: bool) -> Policy:
-    import yaml
-
-    from ..train.config import config_from_dict
-
-    cfg = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text())).validate()
-    if cfg.model.kind != "tiny-dit":
-        raise ValueError(f"{folder} is a model.kind={cfg.model.kind} run; sample/eval/export read embedded-model "
-                         "runs only so far (use its checkpoint weights with diffusers directly)")
+def latest_run_weights(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The newest checkpoint folder of a run and its trained tensors."""
     index = folder / "checkpoints" / "latest.json"
     if not index.is_file():
         raise FileNotFoundError(f"run folder {folder} has no checkpoint yet ({index} is missing); wait for its first checkpoint or pass another --checkpoint")
@@ -118,7 +111,25 @@ def _load_run(folder: Path, name: str, ema: bool) -> Policy:
         ckpt = folder / "checkpoints" / json.loads(index.read_text())["path"]
     except (ValueError, KeyError) as err:
         raise ValueError(f"{index} is corrupt ({err}); delete it to fall back to no checkpoint") from err
-    state = _load_safetensors(ckpt / "weights.safetensors")
+    return ckpt, _load_safetensors(ckpt / "weights.safetensors")
+
+
+def pick_weights(state: dict[str, torch.Tensor], ema: bool) -> tuple[dict[str, torch.Tensor], str]:
+    """The EMA tensors (``ema.`` prefix stripped) when asked for and present, else the live ones."""
+    prefix = "ema." if ema and any(k.startswith("ema.") for k in state) else ""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, prefix or "live "
+
+
+def _load_run(folder: Path, name: str, ema: bool) -> Policy:
+    import yaml
+
+    from ..train.config import config_from_dict
+
+    cfg = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text())).validate()
+    if cfg.model.kind != "tiny-dit":
+        raise ValueError(f"{folder} is a model.kind={cfg.model.kind} run; sample/eval read embedded-model runs only "
+                         "so far: `mixgrpo export` it and load the result with diffusers")
+    ckpt, state = latest_run_weights(folder)
     base = load_tiny_dit(_resolve_base(cfg.model.checkpoint))
     model = copy.deepcopy(base)
     if cfg.model.lora_rank > 0:
@@ -126,10 +137,10 @@ def _load_run(folder: Path, name: str, ema: bool) -> Policy:
         names = [n for n, _ in model.named_parameters() if "lora_" in n]
     else:
         names = [n for n, _ in model.named_parameters()]
-    prefix = "ema." if ema and any(k.startswith("ema.") for k in state) else ""
-    _load_named(model, names, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, ckpt)
+    weights, which = pick_weights(state, ema)
+    load_named(model, names, weights, ckpt)
     model.eval()
-    return Policy(name, model, _AdapterOff(model) if cfg.model.lora_rank > 0 else base, f"{ckpt} ({prefix or 'live '}weights)")
+    return Policy(name, model, _AdapterOff(model) if cfg.model.lora_rank > 0 else base, f"{ckpt} ({which}weights)")
 
 
 def _load_adapter(folder: Path, name: str) -> Policy:
@@ -143,7 +154,7 @@ def _load_adapter(folder: Path, name: str) -> Policy:
     # peft format: base_model.model.<module>.lora_A.weight -> our in-place names
     state = {k.removeprefix("base_model.model.").replace(".lora_A.weight", ".lora_A.default.weight")
              .replace(".lora_B.weight", ".lora_B.default.weight"): v for k, v in state.items()}
-    _load_named(model, [n for n, _ in model.named_parameters() if "lora_" in n], state, folder / ADAPTER_WEIGHTS)
+    load_named(model, [n for n, _ in model.named_parameters() if "lora_" in n], state, folder / ADAPTER_WEIGHTS)
     return Policy(name, model.eval(), _AdapterOff(model), str(folder))
 
 
@@ -187,6 +198,10 @@ def export_run(run: str | Path, out: str | Path, *, lora: str = "merged", ema: b
     import yaml
 
     model_cfg = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    if model_cfg.get("kind", "tiny-dit") != "tiny-dit":
+        from .diffusers_export import export_diffusers_run
+
+        return export_diffusers_run(run, out, lora=lora, ema=ema)
     base_spec = model_cfg.get("checkpoint") or "base"
     policy = load_policy(run, ema=ema)
     if has_lora(policy.model) and lora == "adapter":

@@ -23,6 +23,7 @@ __all__ = [
     "adapters_disabled",
     "add_lora",
     "has_lora",
+    "lora_config",
     "merged_state_dict",
     "save_peft_adapter",
 ]
@@ -32,7 +33,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def _lora_config(rank: int, alpha: float, targets: list[str] | None = None):
+def lora_config(rank: int, alpha: float, targets: list[str] | None = None):
     from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets or LORA_TARGETS))
@@ -44,7 +45,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str] | Non
     from peft import inject_adapter_in_model
 
     model.requires_grad_(False)
-    inject_adapter_in_model(_lora_config(rank, alpha, targets), model)
+    inject_adapter_in_model(lora_config(rank, alpha, targets), model)
     return model
 
 
@@ -94,7 +95,7 @@ def save_peft_adapter(model: nn.Module, out_dir: str | Path, *, rank: int, alpha
     tensors = get_peft_model_state_dict(model)
     tensors = {f"base_model.model.{k}": v.detach().float().contiguous() for k, v in tensors.items()}
     save_file(tensors, str(out / ADAPTER_WEIGHTS))
-    config = _lora_config(rank, alpha).to_dict()
+    config = lora_config(rank, alpha).to_dict()
     config["base_model_name_or_path"] = base
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, default=str) + "\n")

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..text import MAX_TOKENS, TEXT_DIM
 
@@ -124,6 +125,11 @@ class TinyDiT(nn.Module):
         for layer in (self.ada_out, self.patch_out):  # start as the zero velocity
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        self.gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each block's activations in backward (diffusers' method name)."""
+        self.gradient_checkpointing = True
 
     def null_condition(self, batch: int) -> TextCondition:
         cfg = self.config
@@ -147,7 +153,10 @@ class TinyDiT(nn.Module):
         keep = torch.cat([torch.ones(b, g * g, dtype=torch.bool, device=x.device), cond.mask.bool()], dim=1)
         attn_mask = keep[:, None, None, :]  # (B, 1, 1, N): padded text tokens are never attended
         for block in self.blocks:
-            h = block(h, c, attn_mask)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(block, h, c, attn_mask, use_reentrant=False)
+            else:
+                h = block(h, c, attn_mask)
         shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=-1)
         out = self.patch_out(_modulate(self.norm_out(h[:, : g * g]), shift, scale))
         return out.reshape(b, g, g, cfg.channels, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, cfg.channels, cfg.image_size, cfg.image_size)

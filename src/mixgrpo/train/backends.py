@@ -10,6 +10,9 @@ become conditions and how final samples become images. Every preset runs unchang
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,7 @@ from torch import nn
 from ..inference.generate import condition, pixels_from_samples
 from .config import TrainConfig
 
-__all__ = ["Backend", "make_backend"]
+__all__ = ["Backend", "make_backend", "scheduler_shift", "to_device"]
 
 
 @dataclass
@@ -34,6 +37,33 @@ class Backend:
     lora_module: nn.Module  # where a LoRA adapter goes
     lora_targets: list[str] | None  # None = the module's defaults
     embedded_world: bool  # the procedural world: evaluations also report composition and flatness
+    scheduler_shift: float | None = None  # the time shift the model's scheduler config implies (flux/sd3)
+
+
+def to_device(cond: Any, device: torch.device) -> Any:
+    """A condition dataclass with every tensor field moved to ``device``."""
+    moved = {f.name: getattr(cond, f.name).to(device) for f in dataclasses.fields(cond)
+             if torch.is_tensor(getattr(cond, f.name))}
+    return dataclasses.replace(cond, **moved)
+
+
+def scheduler_shift(pipeline_dir: Path, latent_size: int) -> float:
+    """The shift ``s`` of ``t' = s t / (1 + (s - 1) t)`` the pipeline's scheduler uses.
+
+    SD3: the config's ``shift``. FLUX (``use_dynamic_shifting``): ``mu`` interpolated
+    linearly in the image token count ``(latent / 2)^2`` between ``base_shift`` at
+    ``base_image_seq_len`` and ``max_shift`` at ``max_image_seq_len`` (diffusers'
+    ``calculate_shift``), then ``s = exp(mu)`` (``s = mu`` for ``time_shift_type: linear``)."""
+    path = pipeline_dir / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"sampler.shift=scheduler but {path} is missing; give sampler.shift a number")
+    c = json.loads(path.read_text())
+    if not c.get("use_dynamic_shifting"):
+        return float(c.get("shift", 1.0))
+    seq = (latent_size // 2) ** 2
+    lo, hi = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
+    mu = c.get("base_shift", 0.5) + (c.get("max_shift", 1.15) - c.get("base_shift", 0.5)) * (seq - lo) / (hi - lo)
+    return mu if c.get("time_shift_type") == "linear" else math.exp(mu)
 
 
 def _embedded(cfg: TrainConfig, model: nn.Module | None) -> Backend:
@@ -50,18 +80,19 @@ def _embedded(cfg: TrainConfig, model: nn.Module | None) -> Backend:
                    cfg.model.lora_targets or None, True)
 
 
-def _vae_decoder(pipeline_dir: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+def _vae_decoder(pipeline_dir: Path, device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
     from diffusers import AutoencoderKL
 
     folder = pipeline_dir / "vae"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no VAE in {pipeline_dir} (vae/config.json missing); pass the pipeline folder")
     vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval().requires_grad_(False)
+    vae.to(device)
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
 
     @torch.no_grad()
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        images = vae.decode((latents / scale + shift).to(vae.dtype), return_dict=False)[0]
+        images = vae.decode((latents / scale + shift).to(device, vae.dtype), return_dict=False)[0]
         return ((images.float() + 1) / 2).clamp(0, 1)
 
     return decode, 2 ** (len(vae.config.block_out_channels) - 1)
@@ -85,6 +116,9 @@ def _diffusers(cfg: TrainConfig) -> Backend:
 
     m = cfg.model
     folder = Path(m.path)
+    # a LoRA run keeps the frozen base in bf16 (the adapter trains in fp32); a full fine-tune
+    # keeps fp32 master weights and autocasts
+    weight_dtype = torch.bfloat16 if m.dtype == "bfloat16" and m.lora_rank > 0 else torch.float32
     if m.kind == "flux":
         from ..models.flux import (
             FLUX_LORA_TARGETS,
@@ -93,7 +127,7 @@ def _diffusers(cfg: TrainConfig) -> Backend:
             load_flux_transformer,
         )
 
-        transformer = load_flux_transformer(folder)
+        transformer = load_flux_transformer(folder, weight_dtype)
         make_model = lambda size: FluxVelocityModel(transformer, size, m.flux_guidance)  # noqa: E731
         make_cond = lambda prompt_embeds, pooled: FluxCondition(prompt_embeds, pooled)  # noqa: E731
         targets = FLUX_LORA_TARGETS
@@ -105,7 +139,7 @@ def _diffusers(cfg: TrainConfig) -> Backend:
             load_sd3_transformer,
         )
 
-        transformer = load_sd3_transformer(folder)
+        transformer = load_sd3_transformer(folder, weight_dtype)
         make_model = lambda size: SD3VelocityModel(transformer, size)  # noqa: E731
         make_cond = lambda **kw: SD3Condition(kw["prompt_embeds"], kw["pooled"], kw.get("negative_embeds"),  # noqa: E731
                                               kw.get("negative_pooled"))
@@ -117,7 +151,7 @@ def _diffusers(cfg: TrainConfig) -> Backend:
     evals, eval_tensors, _ = load_embeddings(eval_source, **expect)
     if cfg.prompts_per_iter > len(train):
         raise ValueError(f"prompts_per_iter {cfg.prompts_per_iter} exceeds the {len(train)} prompts in {m.embeddings}")
-    decode, factor = _vae_decoder(folder)
+    decode, factor = _vae_decoder(folder, torch.device(m.device))
     if m.image_size % (2 * factor):
         raise ValueError(f"model.image_size {m.image_size} must be a multiple of {2 * factor} for this VAE")
     model = make_model(m.image_size // factor)
@@ -130,14 +164,21 @@ def _diffusers(cfg: TrainConfig) -> Backend:
         except ValueError:
             return eval_cond(prompts)
 
+    shift = scheduler_shift(folder, m.image_size // factor) if cfg.sampler.shift == "scheduler" else None
     return Backend(model, train, evals[: cfg.eval_prompts], conditions, decode, transformer,
-                   m.lora_targets or targets, False)
+                   m.lora_targets or targets, False, shift)
 
 
 def make_backend(cfg: TrainConfig, model: nn.Module | None = None) -> Backend:
     """The backend ``cfg.model.kind`` names (``model`` overrides the embedded checkpoint, for tests)."""
     if cfg.model.kind == "tiny-dit":
-        return _embedded(cfg, model)
-    if model is not None:
+        backend = _embedded(cfg, model)
+    elif model is not None:
         raise ValueError("a model object can only replace the embedded tiny-dit checkpoint")
-    return _diffusers(cfg)
+    else:
+        backend = _diffusers(cfg)
+    device = torch.device(cfg.model.device)
+    if device.type != "cpu":
+        on_host = backend.condition
+        backend.condition = lambda prompts: to_device(on_host(prompts), device)
+    return backend

@@ -63,11 +63,11 @@ def make_pruning(plan: SamplingPlan, sampler: SamplerConfig, expanded: int) -> P
     sizes = dict(zip(steps, prune_sizes(expanded, sampler.prune_keep, len(steps)), strict=True))
 
     def select(step: int, x0_hat: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-        groups, features = alive // expanded, spread_features(x0_hat)
+        groups, features = (alive // expanded).cpu(), spread_features(x0_hat).cpu()  # tiny: choose on the CPU
         keep = []
         for g in groups.unique(sorted=True):
             members = (groups == g).nonzero().squeeze(1)
             keep.append(members[max_spread_subset(features[members], min(sizes[step], members.numel()))])
-        return torch.cat(keep)
+        return torch.cat(keep).to(alive.device)
 
     return Pruning(frozenset(steps), select)

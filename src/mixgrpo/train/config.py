@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import yaml
 
 from ..core.grpo import MULTI_REWARD_MODES, STD_MODES
@@ -38,7 +39,7 @@ __all__ = [
 @dataclass
 class SamplerConfig:
     num_steps: int = 25  # T, the training grid (MixGRPO: 25)
-    shift: float = 3.0  # SD3/FLUX time shift of the grid (MixGRPO FLUX scripts: 3)
+    shift: float | str = 3.0  # time shift of the grid (MixGRPO FLUX scripts: 3); "scheduler" = the model's scheduler config
     sde_kind: str = "flow_grpo"  # flow_grpo | dance | cps: the exploration step
     noise_level: float = 0.7  # a (flow_grpo, cps) or eta (dance)
     sde_on: str = "trained"  # "trained": SDE only on trained steps (MixGRPO); "all": every trainable step
@@ -70,8 +71,11 @@ class SamplerConfig:
             raise ValueError("Expand-and-Prune needs both sampler.prune_offsets (e.g. [0, 2]) and sampler.prune_keep")
         if any(o < 0 for o in self.prune_offsets) or len(set(self.prune_offsets)) != len(self.prune_offsets):
             raise ValueError(f"sampler.prune_offsets must be distinct offsets >= 0 from the first SDE step, got {self.prune_offsets}")
-        if not self.noise_level > 0 or not self.shift > 0 or not self.guidance >= 1:
-            raise ValueError("sampler.noise_level and sampler.shift must be > 0 and sampler.guidance >= 1")
+        if self.shift != "scheduler" and (isinstance(self.shift, str) or not self.shift > 0):
+            raise ValueError(f"sampler.shift must be a number > 0 or 'scheduler' (flux/sd3: read the pipeline's "
+                             f"scheduler config), got {self.shift!r}")
+        if not self.noise_level > 0 or not self.guidance >= 1:
+            raise ValueError("sampler.noise_level must be > 0 and sampler.guidance >= 1")
 
 
 @dataclass
@@ -153,7 +157,9 @@ class ModelConfig:
     lora_rank: int = 0  # 0 = full fine-tuning; > 0 trains a peft LoRA adapter
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=list)  # empty = the model's default attention projections
-    dtype: str = "float32"  # float32 | bfloat16 (autocast of the model's forward)
+    dtype: str = "float32"  # float32 | bfloat16: autocast; flux/sd3 LoRA also keeps the frozen base in bf16
+    device: str = "cpu"  # cpu | cuda | cuda:N (noise is always drawn on the CPU: same samples on any device)
+    gradient_checkpointing: bool = False  # recompute block activations in backward (less memory, ~30% slower)
 
     def validate(self) -> None:
         if self.kind not in ("tiny-dit", "flux", "sd3"):
@@ -167,6 +173,13 @@ class ModelConfig:
             raise ValueError(f"model.lora_rank must be >= 0, got {self.lora_rank}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"model.device {self.device!r} is not a torch device (cpu, cuda, cuda:0, ...): {err}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"model.device={self.device} but this torch build sees no CUDA GPU; "
+                             "set model.device=cpu or install a CUDA build of torch")
 
 
 @dataclass
@@ -190,6 +203,9 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         for section in (self.sampler, self.schedule, self.loss, self.optim, self.model):
             section.validate()
+        if self.sampler.shift == "scheduler" and self.model.kind == "tiny-dit":
+            raise ValueError("sampler.shift=scheduler reads a diffusers pipeline's scheduler config; the embedded "
+                             "model has none, give a number (e.g. 3)")
         if self.iterations < 1 or self.prompts_per_iter < 1:
             raise ValueError("iterations and prompts_per_iter must be >= 1")
         if self.group_size < 2:

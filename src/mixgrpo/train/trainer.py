@@ -63,13 +63,24 @@ class GRPOTrainer:
     """Holds the policy, optimizer and data; :meth:`step` runs one GRPO iteration."""
 
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module | None = None):
-        self.cfg = cfg.validate()
+        self.cfg = cfg = copy.deepcopy(cfg.validate())  # a private copy: the resolved shift goes in below
         self.backend = make_backend(cfg, model)
+        if cfg.sampler.shift == "scheduler":
+            cfg.sampler.shift = self.backend.scheduler_shift
+        self.device = torch.device(cfg.model.device)
         self.model = self.backend.model
         self.reference: torch.nn.Module | None = None
         if cfg.model.lora_rank > 0:
-            add_lora(self.backend.lora_module, cfg.model.lora_rank, cfg.model.lora_alpha, self.backend.lora_targets)
-        elif cfg.loss.kl_beta > 0:
+            with torch.random.fork_rng(devices=[]):  # the adapter's random init depends on cfg.seed only
+                torch.manual_seed(cfg.seed)
+                add_lora(self.backend.lora_module, cfg.model.lora_rank, cfg.model.lora_alpha, self.backend.lora_targets)
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()  # the adapter trains in fp32 even over a bf16 base
+        if cfg.model.gradient_checkpointing:
+            self.backend.lora_module.enable_gradient_checkpointing()
+        self.model.to(self.device)
+        if cfg.model.lora_rank == 0 and cfg.loss.kl_beta > 0:
             self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -82,7 +93,7 @@ class GRPOTrainer:
         self.schedule = WindowSchedule(num_steps=s.num_steps, seed=cfg.seed, **dataclasses.asdict(cfg.schedule))
         self.nonfinite_streak = 0  # consecutive iterations with NaN/Inf (see optim.max_nonfinite)
         self.autocast = (
-            torch.autocast("cpu", dtype=torch.bfloat16) if cfg.model.dtype == "bfloat16" else nullcontext()
+            torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.model.dtype == "bfloat16" else nullcontext()
         )
 
     # ------------------------------------------------------------------ policy
@@ -127,7 +138,7 @@ class GRPOTrainer:
         gen = _generator(cfg.seed, iteration, 2)
         mc = self.model.config
         x1 = initial_noise(cfg.prompts_per_iter, cfg.group_size, (mc.channels, mc.image_size, mc.image_size),
-                           shared=cfg.sampler.shared_noise, generator=gen)
+                           shared=cfg.sampler.shared_noise, generator=gen).to(self.device)
         plan, trained = self.plan(iteration)
         self.model.eval()
         out = sample(ConditionedVelocity(self.velocity, cond), x1, plan, self.noise, reduction=cfg.loss.reduction,
@@ -140,7 +151,7 @@ class GRPOTrainer:
             prompts, cond = [prompts[i] for i in out.kept.tolist()], cond.index(out.kept)
         trained_set = set(trained)
         positions = [i for i, k in enumerate(out.transitions.step_index) if k in trained_set]
-        images = self.backend.decode(out.x0)
+        images = self.backend.decode(out.x0).float().cpu()  # rewards score CPU images
         return RolloutBatch(prompts, cond, out, images, positions, plan, group_size)
 
     def score(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
@@ -152,11 +163,11 @@ class GRPOTrainer:
     def nonfinite_samples(batch: RolloutBatch, rewards: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[str]]:
         """``(N,)`` mask of samples with a non-finite latent, log-prob or reward, and what was bad."""
         out, reasons = batch.rollout, []
-        bad = ~torch.isfinite(out.x0).flatten(1).all(1)
+        bad = ~torch.isfinite(out.x0).flatten(1).all(1).cpu()
         if bad.any():
             reasons.append(f"{int(bad.sum())} non-finite latent(s)")
         if batch.trained:
-            lp_bad = ~torch.isfinite(out.transitions.log_prob[batch.trained]).all(0)
+            lp_bad = ~torch.isfinite(out.transitions.log_prob[batch.trained]).all(0).cpu()
             if (lp_bad & ~bad).any():
                 reasons.append(f"{int((lp_bad & ~bad).sum())} non-finite log-prob(s)")
             bad |= lp_bad
@@ -189,7 +200,8 @@ class GRPOTrainer:
         """PPO-clipped loss on the trained steps only, gradients accumulated over
         micro-batches of the samples that carry signal, one AdamW step per inner epoch."""
         cfg, tr = self.cfg, batch.rollout.transitions
-        valid = adv.valid.nonzero().squeeze(1)
+        valid = adv.valid.nonzero().squeeze(1).to(self.device)
+        advantages = adv.advantages.to(self.device)
         stats = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "ratio_mean": 0.0, "kl": 0.0, "skipped_update": 0.0}
         if valid.numel() == 0 or not batch.trained:
             return stats
@@ -203,11 +215,11 @@ class GRPOTrainer:
                 t, t_next = tr.t[s].item(), tr.t_next[s].item()
                 for idx in chunks:
                     cond = batch.cond.index(idx)
-                    t_vec = torch.full((idx.numel(),), t)
+                    t_vec = torch.full((idx.numel(),), t, device=self.device)
                     v = self.velocity(tr.x[s][idx], t_vec, cond)
                     mean, std = sde_moments(tr.x[s][idx], v, t, t_next, self.noise)
                     log_prob = gaussian_log_prob(tr.x_next[s][idx], mean, std, cfg.loss.reduction)
-                    loss, st = ppo_clip_loss(log_prob, tr.log_prob[s][idx], adv.advantages[idx], cfg.loss.clip_range)
+                    loss, st = ppo_clip_loss(log_prob, tr.log_prob[s][idx], advantages[idx], cfg.loss.clip_range)
                     if cfg.loss.kl_beta > 0:
                         with torch.no_grad():
                             v_ref = self.velocity(tr.x[s][idx], t_vec, cond, reference=True)
@@ -287,7 +299,8 @@ class GRPOTrainer:
         s = self.cfg.sampler
         with self.autocast:
             images = generate_prompts(self.model, self.backend.condition, self.eval_prompts, seed=seed,
-                                      steps=s.num_steps, shift=s.shift, guidance=s.guidance, decode=self.backend.decode)
+                                      steps=s.num_steps, shift=s.shift, guidance=s.guidance, decode=self.backend.decode,
+                                      device=self.device)
         # the embedded rewards are always reported, so reward hacking shows (e.g. noise
         # that composition ignores lowers flatness)
         names = dict.fromkeys([*self.cfg.rewards, *(("composition", "flatness") if self.backend.embedded_world else ())])

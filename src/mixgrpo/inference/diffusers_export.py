@@ -1,0 +1,74 @@
+"""Export a FLUX / SD3 run in the formats diffusers reads.
+
+* LoRA, ``lora="adapter"``: ``pytorch_lora_weights.safetensors`` written by the pipeline
+  class's own ``save_lora_weights`` (keys ``transformer.<module>.lora_A.weight``), so
+  ``pipe.load_lora_weights(out)`` applies it to the base pipeline;
+* LoRA, ``lora="merged"`` (``W' = W + (alpha/r) B A``), or a full fine-tune: a transformer
+  folder ``out/transformer`` (``save_pretrained``) to drop into the pipeline,
+  ``FluxTransformer2DModel.from_pretrained(out / "transformer")``.
+
+The base weights come from the run's own ``model.path``; only the trained tensors are read
+from its checkpoint (safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from ..models.diffusers_io import load_transformer
+from ..models.lora import add_lora, lora_config, merged_state_dict
+from ..train.config import config_from_dict
+from .policy import latest_run_weights, load_named, pick_weights
+
+__all__ = ["LORA_WEIGHTS", "export_diffusers_run"]
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_lora_weights looks for
+_CLASSES = {"flux": ("FluxTransformer2DModel", "FluxPipeline"),
+            "sd3": ("SD3Transformer2DModel", "StableDiffusion3Pipeline")}
+
+
+def export_diffusers_run(run: Path, out: Path, *, lora: str, ema: bool = True) -> Path:
+    """Write the run's trained transformer (or its LoRA) to ``out``; see the module doc."""
+    import diffusers
+
+    cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    m = cfg.model
+    transformer_class, pipeline_class = _CLASSES[m.kind]
+    ckpt, state = latest_run_weights(run)
+    weights, which = pick_weights(state, ema)
+    # the trainer names parameters from its velocity wrapper: "transformer.<module>..."
+    weights = {k.removeprefix("transformer."): v for k, v in weights.items()}
+    transformer = load_transformer(m.path, transformer_class)
+    if m.lora_rank > 0:
+        from ..models.flux import FLUX_LORA_TARGETS
+        from ..models.sd3 import SD3_LORA_TARGETS
+
+        targets = m.lora_targets or (FLUX_LORA_TARGETS if m.kind == "flux" else SD3_LORA_TARGETS)
+        add_lora(transformer, m.lora_rank, m.lora_alpha, targets)
+        load_named(transformer, [n for n, _ in transformer.named_parameters() if "lora_" in n], weights, ckpt)
+    else:
+        load_named(transformer, [n for n, _ in transformer.named_parameters()], weights, ckpt)
+    out.mkdir(parents=True, exist_ok=True)
+    if m.lora_rank > 0 and lora == "adapter":
+        from peft import get_peft_model_state_dict
+
+        layers = {k: v.detach().float().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+        # the LoRA config (rank, alpha, targets) goes into the file's metadata, so
+        # load_lora_weights restores the scale alpha / r
+        getattr(diffusers, pipeline_class).save_lora_weights(
+            out, transformer_lora_layers=layers, weight_name=LORA_WEIGHTS, safe_serialization=True,
+            transformer_lora_adapter_metadata=lora_config(m.lora_rank, m.lora_alpha, targets).to_dict())
+        meta = {"base_model": str(m.path), "rank": m.lora_rank, "alpha": m.lora_alpha,
+                "exported_from": f"{ckpt} ({which}weights)"}
+    else:
+        if m.lora_rank > 0:
+            merged = load_transformer(m.path, transformer_class)
+            merged.load_state_dict(merged_state_dict(transformer))
+            transformer = merged
+        transformer.save_pretrained(out / "transformer", safe_serialization=True)
+        meta = {"base_model": str(m.path), "exported_from": f"{ckpt} ({which}weights)"}
+    (out / "mixgrpo_export.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return out
