@@ -83,6 +83,16 @@ def test_window_ablation_varies_one_factor_at_a_time():
         ablation_arms("lr", [])
 
 
+def test_ovf_ablation_compares_subsets_with_the_full_group():
+    arms = ablation_arms("ovf", [])
+    assert [a.label for a in arms] == ["all 8 of 8", "OVF 6 of 8", "OVF 4 of 8", "all 6 of 6"]
+    assert [(a.config.group_size, a.config.loss.ovf_keep) for a in arms] == [(8, None), (8, 6), (8, 4), (6, None)]
+    # the OVF arms sample exactly what the full group samples: only the trained subset differs
+    assert all(a.config.sampler == arms[0].config.sampler and a.config.schedule == arms[0].config.schedule for a in arms)
+    with pytest.raises(ValueError, match="needs group_size >= 5"):
+        ablation_arms("ovf", ["group_size=4"])
+
+
 def test_bench_quick_writes_every_file_and_key(tiny_overrides, tmp_path):
     out = tmp_path / "bench"
     args = ["bench", "--quick", "--out", str(out), "--iterations", "2"]

@@ -259,7 +259,8 @@ def bench(
     seeds: Annotated[int | None, typer.Option(help="Seeds per preset (default 3; --quick 1).")] = None,
     iterations: Annotated[int | None, typer.Option(help="Iterations per run (default 60; --quick 8).")] = None,
     quick: Annotated[bool, typer.Option(help="Small groups and evaluation, 8 iterations: a few minutes here.")] = False,
-    ablate: Annotated[str | None, typer.Option(help="Instead of presets: 'window' (w, s, schedule) or 'flash-steps'.")] = None,
+    ablate: Annotated[str | None, typer.Option(help="Instead of presets: 'window' (w, s, schedule), 'flash-steps' or 'ovf' (Pro-GRPO's subset vs full group).")] = None,
+    evals: Annotated[int | None, typer.Option(help="Held-out evaluations per run, evenly spaced (default 4; --quick 2).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a value in every arm (repeatable).")] = None,
 ) -> None:
     """Run methods (or MixGRPO ablations) side by side: cost, reward, time to DanceGRPO's reward."""
@@ -268,7 +269,7 @@ def bench(
     names = [p.strip() for p in presets.split(",") if p.strip()] if presets else None
     try:
         plan = plan_bench(out, presets=names, seeds=seeds, iterations=iterations, quick=quick, ablate=ablate,
-                          overrides=list(set_ or []))
+                          overrides=list(set_ or []), evals=evals)
     except ValueError as err:
         _fail(str(err))
     total = len(plan.arms) * plan.seeds * plan.iterations

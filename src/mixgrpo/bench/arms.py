@@ -9,10 +9,10 @@ from ..train.config import TrainConfig, apply_overrides
 from ..train.presets import make_preset
 from .runner import Arm
 
-__all__ = ["ABLATIONS", "DEFAULT_PRESETS", "QUICK", "ablation_arms", "compression_for_steps", "preset_arms"]
+__all__ = ["ABLATIONS", "DEFAULT_PRESETS", "QUICK", "ablation_arms", "compression_for_steps", "ovf_arms", "preset_arms"]
 
 DEFAULT_PRESETS = ["dance-grpo", "mixgrpo", "mixgrpo-flash", "mixgrpo-flash-star"]
-ABLATIONS = ("window", "flash-steps")
+ABLATIONS = ("window", "flash-steps", "ovf")
 
 
 # --quick: the same presets and step counts, smaller groups and evaluation (about 2 minutes here)
@@ -57,4 +57,24 @@ def ablation_arms(kind: str, overrides: list[str]) -> list[Arm]:
             r = compression_for_steps(total, cfg.sampler.num_steps, window, cfg.sampler.shift)
             arms.append(Arm(f"flash* {total} steps", apply_overrides(cfg, [f"sampler.flash_compression={r}"])))
         return arms
+    if kind == "ovf":
+        return ovf_arms(overrides)
     raise ValueError(f"unknown ablation {kind!r}; choose one of {', '.join(ABLATIONS)}")
+
+
+def ovf_arms(overrides: list[str]) -> list[Arm]:
+    """Pro-GRPO's claim: training on the k of G rollouts with maximal reward variance beats
+    training on all G. Arms (MixGRPO, the bench's group size G): all G; OVF keeping 3G/4 and
+    G/2 (same rollouts, so the same sampling passes); and a full group of 3G/4 (fewer
+    passes), which tells a better subset apart from a merely smaller group."""
+    base = _config("mixgrpo", overrides)
+    g = base.group_size
+    if g < 5:
+        raise ValueError(f"--ablate ovf needs group_size >= 5 (subsets of 3G/4 and G/2), got {g}")
+    three_quarters, half = round(3 * g / 4), g // 2
+    return [
+        Arm(f"all {g} of {g}", base),
+        Arm(f"OVF {three_quarters} of {g}", apply_overrides(base, [f"loss.ovf_keep={three_quarters}"])),
+        Arm(f"OVF {half} of {g}", apply_overrides(base, [f"loss.ovf_keep={half}"])),
+        Arm(f"all {three_quarters} of {three_quarters}", apply_overrides(base, [f"group_size={three_quarters}"])),
+    ]
