@@ -129,3 +129,31 @@ def test_bench_window_ablation_runs_every_variant(tiny_overrides, tmp_path):
     rows = json.loads((tmp_path / "abl" / "bench.json").read_text())["rows"]
     assert len(rows) == 7 and all(r["seeds"] == [0, 1] for r in rows)
     assert all(r["final_eval_reward"]["ci95"] is not None for r in rows)
+
+
+def test_flux_shaped_gpu_mode_runs_the_real_model_path(tmp_path):
+    """The GPU mode on the CPU, at a tiny width: it builds the FLUX-shaped pipeline and its
+    embeddings, trains every arm through model.kind=flux and reports costs (peak memory is
+    null off CUDA)."""
+    pytest.importorskip("diffusers")
+    from mixgrpo.bench import FluxShape, plan_bench, run_bench
+
+    shape = FluxShape(double_blocks=1, single_blocks=1, heads=1, text_tokens=8, prompts=4)
+    plan = plan_bench(tmp_path / "gpu", presets=["dance-grpo", "mixgrpo"], iterations=1, flux_shape=shape,
+                      overrides=["model.image_size=64", "prompts_per_iter=1", "group_size=2", "sampler.num_steps=6",
+                                 "schedule.size=2", "eval_prompts=2"])
+    assert plan.seeds == 1 and "FLUX-shaped: hidden 128" in plan.title
+    assert all(a.config.model.kind == "flux" and a.config.model.dtype == "bfloat16" for a in plan.arms)
+    rows = run_bench(plan)
+    assert [r["preset"] for r in rows] == ["dance-grpo", "mixgrpo"]
+    assert rows[1]["model_passes_per_image"] < rows[0]["model_passes_per_image"]
+    assert all(r["peak_memory_gb"] is None and r["iter_time_s"] > 0 for r in rows)
+    config = json.loads((tmp_path / "gpu" / "model" / "pipe" / "transformer" / "config.json").read_text())
+    assert (config["num_layers"], config["num_single_layers"], config["joint_attention_dim"]) == (1, 1, 4096)
+
+
+def test_flux_shaped_cli_rejects_bad_shapes(tmp_path):
+    result = runner.invoke(app, ["bench", "--out", str(tmp_path / "x"), "--flux-shaped", "--flux-blocks", "2"])
+    assert result.exit_code == 2 and "double,single" in result.output
+    result = runner.invoke(app, ["bench", "--out", str(tmp_path / "x"), "--flux-shaped", "--flux-heads", "0"])
+    assert result.exit_code == 2 and "--flux-heads" in result.output

@@ -261,15 +261,24 @@ def bench(
     quick: Annotated[bool, typer.Option(help="Small groups and evaluation, 8 iterations: a few minutes here.")] = False,
     ablate: Annotated[str | None, typer.Option(help="Instead of presets: 'window' (w, s, schedule), 'flash-steps' or 'ovf' (Pro-GRPO's subset vs full group).")] = None,
     evals: Annotated[int | None, typer.Option(help="Held-out evaluations per run, evenly spaced (default 4; --quick 2).")] = None,
+    flux_shaped: Annotated[bool, typer.Option(help="GPU mode: a random FLUX-architecture transformer at real width (costs and peak memory only).")] = False,
+    flux_blocks: Annotated[str, typer.Option(help="With --flux-shaped: double,single block counts (FLUX.1: 19,38).")] = "2,2",
+    flux_heads: Annotated[int, typer.Option(help="With --flux-shaped: attention heads of 128 dims (FLUX.1: 24 = hidden 3072).")] = 24,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a value in every arm (repeatable).")] = None,
 ) -> None:
     """Run methods (or MixGRPO ablations) side by side: cost, reward, time to DanceGRPO's reward."""
-    from .bench import plan_bench, run_bench
+    from .bench import FluxShape, plan_bench, run_bench
 
     names = [p.strip() for p in presets.split(",") if p.strip()] if presets else None
     try:
+        shape = None
+        if flux_shaped:
+            blocks = flux_blocks.split(",")
+            if len(blocks) != 2 or not all(b.strip().isdigit() for b in blocks):
+                raise ValueError(f"--flux-blocks wants 'double,single' block counts like 2,2, got {flux_blocks!r}")
+            shape = FluxShape(int(blocks[0]), int(blocks[1]), flux_heads).validate()
         plan = plan_bench(out, presets=names, seeds=seeds, iterations=iterations, quick=quick, ablate=ablate,
-                          overrides=list(set_ or []), evals=evals)
+                          overrides=list(set_ or []), evals=evals, flux_shape=shape)
     except ValueError as err:
         _fail(str(err))
     total = len(plan.arms) * plan.seeds * plan.iterations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,8 +11,10 @@ from typing import Any
 from .arms import ABLATIONS, DEFAULT_PRESETS, QUICK, ablation_arms, preset_arms
 from .report import write_report
 from .runner import Arm, ArmResult, run_arms
+from .synthetic import FluxShape, flux_shaped_overrides, make_flux_shaped
 
-__all__ = ["ABLATIONS", "DEFAULT_PRESETS", "Arm", "ArmResult", "BenchPlan", "plan_bench", "run_arms", "run_bench"]
+__all__ = ["ABLATIONS", "DEFAULT_PRESETS", "Arm", "ArmResult", "BenchPlan", "FluxShape", "plan_bench", "run_arms",
+           "run_bench"]
 
 
 @dataclass
@@ -25,6 +28,7 @@ class BenchPlan:
     evals: int
     title: str
     config: dict[str, Any]
+    flux_shape: FluxShape | None = None  # build the FLUX-shaped model in out/model before running
 
 
 def plan_bench(
@@ -37,16 +41,24 @@ def plan_bench(
     ablate: str | None = None,
     overrides: list[str] | None = None,
     evals: int | None = None,
+    flux_shape: FluxShape | None = None,
 ) -> BenchPlan:
     """Check every input and build the arms (nothing runs, nothing is written).
 
     Defaults: the four presets of :data:`DEFAULT_PRESETS`, 3 seeds, 60 iterations, 4
-    evaluations on 128 held-out prompts; ``quick`` shrinks them (:data:`QUICK`)."""
+    evaluations on 128 held-out prompts; ``quick`` shrinks them (:data:`QUICK`). With
+    ``flux_shape`` every arm trains a FLUX-shaped random transformer instead (GPU mode, see
+    :mod:`mixgrpo.bench.synthetic`): 1 seed, 5 iterations, costs only."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty; choose a new --out (a bench never overwrites results)")
     base = QUICK if quick else {"presets": DEFAULT_PRESETS, "seeds": 3, "iterations": 60, "evals": 4,
                                 "overrides": ["eval_prompts=128"]}
+    if flux_shape is not None:
+        flux_shape.validate()
+        sizes = [o for o in base["overrides"] if not o.startswith("eval_prompts")] if quick else []
+        base = {**base, "seeds": 1, "iterations": 5, "evals": 1,
+                "overrides": [*flux_shaped_overrides(out / "model"), *sizes]}
     seeds = seeds if seeds is not None else base["seeds"]
     iterations = iterations if iterations is not None else base["iterations"]
     evals = evals if evals is not None else base["evals"]
@@ -59,12 +71,18 @@ def plan_bench(
         arms, title = ablation_arms(ablate, shared), f"MixGRPO ablation: {ablate}"
     else:
         arms, title = preset_arms(presets or base["presets"], shared), "Methods side by side"
+    if flux_shape is not None:
+        title += (f" (FLUX-shaped: hidden {flux_shape.hidden_size}, {flux_shape.double_blocks} double + "
+                  f"{flux_shape.single_blocks} single blocks, random weights: costs only, rewards are meaningless)")
     config = {"arms": [a.label for a in arms], "seeds": seeds, "iterations": iterations, "evals": evals,
-              "overrides": shared, "quick": quick, "ablate": ablate}
-    return BenchPlan(out, arms, seeds, iterations, evals, title, config)
+              "overrides": shared, "quick": quick, "ablate": ablate,
+              "flux_shape": None if flux_shape is None else dataclasses.asdict(flux_shape)}
+    return BenchPlan(out, arms, seeds, iterations, evals, title, config, flux_shape)
 
 
 def run_bench(plan: BenchPlan, on_progress: Callable[[str, int], None] | None = None) -> list[dict[str, Any]]:
     """Run the plan's arms interleaved and write the report; returns its rows."""
+    if plan.flux_shape is not None:
+        make_flux_shaped(plan.out / "model", plan.flux_shape)
     results = run_arms(plan.arms, list(range(plan.seeds)), plan.iterations, evals=plan.evals, on_progress=on_progress)
     return write_report(plan.out, results, title=plan.title, config=plan.config)

@@ -77,6 +77,8 @@ def summarise(results: list[ArmResult]) -> list[dict[str, Any]]:
             "target_reward": target,
             "time_to_target_s": reached[0] if reached else None,
             "train_time_s": statistics.fmean(r.train_seconds for r in runs),
+            "peak_memory_gb": (max(r.peak_memory_bytes for r in runs) / 2**30
+                               if all(r.peak_memory_bytes is not None for r in runs) else None),
             "curve": [{"iteration": i, "train_s": s, "eval_reward": v} for i, s, v in curve],
         })
     return rows
@@ -107,6 +109,9 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
     lines += ["", f"{len(seeds)} seed(s) {seeds}, {rows[0]['iterations']} iterations each, interleaved in one process; "
               "± is a 95% t-interval over seeds. Paper: DanceGRPO 291 s, MixGRPO 151 s, MixGRPO-Flash 83 s per "
               "iteration (FLUX, 32 A100)."]
+    if any(r["peak_memory_gb"] is not None for r in rows):
+        lines.append("Peak GPU memory per iteration (GiB): " + ", ".join(
+            f"{r['preset']} {r['peak_memory_gb']:.1f}" for r in rows if r["peak_memory_gb"] is not None) + ".")
     if rows[0]["target_reward"] is None and any(r["preset"] == REFERENCE for r in rows):
         lines.append("Time to DanceGRPO's reward: — because DanceGRPO's final held-out reward did not exceed its start.")
     return "\n".join(lines) + "\n"

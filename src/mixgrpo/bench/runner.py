@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ..train.config import TrainConfig
 from ..train.trainer import GRPOTrainer
 
@@ -35,6 +37,7 @@ class ArmResult:
     iter_times: list[float] = field(default_factory=list)
     model_passes: list[int] = field(default_factory=list)
     train_rewards: list[float] = field(default_factory=list)
+    peak_memory_bytes: int | None = None  # CUDA only: the most memory any of its iterations allocated
     # held-out evaluations: (completed iterations, training seconds so far, eval row)
     evals: list[tuple[int, float, dict[str, Any]]] = field(default_factory=list)
 
@@ -72,8 +75,16 @@ def run_arms(
     for iteration in range(iterations):
         shift = iteration % len(jobs)
         for result, trainer in jobs[shift:] + jobs[:shift]:
+            cuda = trainer.device.type == "cuda"
+            if cuda:
+                torch.cuda.synchronize(trainer.device)
+                torch.cuda.reset_peak_memory_stats(trainer.device)
             started = time.perf_counter()
             row = trainer.step(iteration)
+            if cuda:
+                torch.cuda.synchronize(trainer.device)
+                peak = torch.cuda.max_memory_allocated(trainer.device)
+                result.peak_memory_bytes = max(result.peak_memory_bytes or 0, peak)
             result.iter_times.append(time.perf_counter() - started)
             result.model_passes.append(row["model_passes_per_image"])
             result.train_rewards.append(row["reward_mean"])

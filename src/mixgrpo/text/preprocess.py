@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["SUPPORTED_PIPELINES", "load_embeddings", "pipeline_class", "preprocess_prompts"]
+__all__ = ["SUPPORTED_PIPELINES", "load_embeddings", "pipeline_class", "preprocess_prompts", "write_embeddings"]
 
 SUPPORTED_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline")
 INDEX = "index.json"
@@ -81,6 +81,14 @@ def preprocess_prompts(
         if on_batch is not None:
             on_batch(len(batch))
     tensors = {k: torch.cat(v) for k, v in columns.items()}
+    return write_embeddings(out, tensors, prompts, pipeline=name, model=str(model_dir.resolve()),
+                            max_sequence_length=length, shard_size=shard_size)
+
+
+def write_embeddings(out: Path, tensors: dict[str, torch.Tensor], prompts: Sequence[str], *, pipeline: str,
+                     model: str, max_sequence_length: int, shard_size: int = 1024) -> Path:
+    """Write ``tensors`` (rows = ``prompts``) as shards + ``index.json``; the folder appears
+    complete or not at all."""
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     shards = []
@@ -88,12 +96,12 @@ def preprocess_prompts(
         file = f"embeddings-{i:05d}.safetensors"
         save_file({k: v[start : start + shard_size].contiguous() for k, v in tensors.items()}, str(tmp / file))
         shards.append({"file": file, "start": start, "stop": min(start + shard_size, len(prompts))})
-    index = {"pipeline": name, "model": str(model_dir.resolve()), "max_sequence_length": length,
+    index = {"pipeline": pipeline, "model": model, "max_sequence_length": max_sequence_length,
              "prompts": list(prompts), "shards": shards, "shapes": {k: list(v.shape[1:]) for k, v in tensors.items()}}
     (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n")
     if out.exists():
         out.rmdir()
-    os.replace(tmp, out)  # the folder appears complete or not at all
+    os.replace(tmp, out)
     return out
 
 
