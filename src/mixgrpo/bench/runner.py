@@ -9,6 +9,7 @@ compared only as ratios within one run.
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,7 +68,7 @@ def run_arms(
     start_eval: dict[tuple, dict[str, Any]] = {}
     for result, trainer in jobs:
         # identical starting models and eval prompts share one starting evaluation
-        key = (trainer.cfg.model.checkpoint, trainer.cfg.eval_prompts, tuple(trainer.cfg.rewards.items()),
+        key = (trainer.cfg.model.checkpoint, trainer.cfg.eval_prompts, json.dumps(trainer.cfg.rewards, sort_keys=True),
                trainer.cfg.sampler.num_steps, trainer.cfg.sampler.shift, trainer.cfg.sampler.guidance)
         if key not in start_eval:
             start_eval[key] = trainer.evaluate()[0]

@@ -11,10 +11,14 @@ from .base import (
 )
 from .composition import CompositionReward
 from .flatness import FlatnessReward
+from .preference import CLIPScoreReward, HPSv21Reward, PickScoreReward
 
 __all__ = [
+    "CLIPScoreReward",
     "CompositionReward",
     "FlatnessReward",
+    "HPSv21Reward",
+    "PickScoreReward",
     "Reward",
     "check_images",
     "get_reward",

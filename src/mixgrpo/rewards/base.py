@@ -15,6 +15,7 @@ inside the class, so listing rewards stays cheap.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Protocol, runtime_checkable
@@ -86,7 +87,19 @@ def get_reward(name: str, **kwargs) -> Reward:
     _load_entry_points()
     if name not in _REGISTRY:
         raise ValueError(f"unknown reward {name!r}; registered rewards: {', '.join(sorted(_REGISTRY)) or 'none'}")
-    return _REGISTRY[name](**kwargs)
+    factory = _REGISTRY[name]
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # builtins and some C extensions have none
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**kwargs)
+        except TypeError:
+            takes = [p for p in signature.parameters if p not in ("self", "args", "kwargs")]
+            raise ValueError(f"reward {name!r} takes options {', '.join(takes) or '(none)'}; got {', '.join(kwargs) or '(none)'} "
+                             f"(set them as rewards: {{{name}: {{weight: 1, <option>: ...}}}})") from None
+    return factory(**kwargs)
 
 
 def check_images(images: torch.Tensor, prompts: list[str]) -> None:
@@ -105,6 +118,10 @@ def check_images(images: torch.Tensor, prompts: list[str]) -> None:
         raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts; pass one prompt per image")
     if not torch.isfinite(images).all():
         raise ValueError("images contain NaN or Inf; the sampler or model produced non-finite values")
+    low, high = images.min().item(), images.max().item()
+    if low < -1e-3 or high > 1 + 1e-3:
+        hint = "map [-1, 1] images with (x + 1) / 2" if low >= -1 - 1e-3 and high <= 1 + 1e-3 else "divide by 255"
+        raise ValueError(f"images must be in [0, 1], got values in [{low:.3g}, {high:.3g}]; {hint}")
 
 
 def validate_reward_output(values: torch.Tensor, batch: int, name: str, *, allow_nonfinite: bool = False) -> torch.Tensor:

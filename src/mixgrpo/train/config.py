@@ -189,7 +189,8 @@ class TrainConfig:
     prompts_per_iter: int = 4  # distinct prompts per iteration
     group_size: int = 8  # images per prompt, G (MixGRPO: 12)
     seed: int = 0  # every random draw derives from (seed, iteration)
-    rewards: dict[str, float] = field(default_factory=lambda: {"composition": 1.0})  # name -> weight
+    # name -> weight, or name -> {weight: w, <constructor options>} (e.g. {hps: {weight: 1, path: ...}})
+    rewards: dict[str, float | dict[str, Any]] = field(default_factory=lambda: {"composition": 1.0})
     eval_every: int = 20  # held-out evaluation interval (iterations), also at start and end
     eval_prompts: int = 64  # held-out prompts per evaluation
     checkpoint_every: int = 10  # iterations between checkpoints
@@ -199,6 +200,17 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+
+    @property
+    def reward_weights(self) -> dict[str, float]:
+        """``name -> weight`` (1 when a reward's mapping gives none)."""
+        return {n: float(s.get("weight", 1.0)) if isinstance(s, dict) else float(s) for n, s in self.rewards.items()}
+
+    @property
+    def reward_options(self) -> dict[str, dict[str, Any]]:
+        """``name -> constructor keyword arguments`` (a mapping's keys other than ``weight``)."""
+        return {n: {k: v for k, v in s.items() if k != "weight"} if isinstance(s, dict) else {}
+                for n, s in self.rewards.items()}
 
     def validate(self) -> TrainConfig:
         for section in (self.sampler, self.schedule, self.loss, self.optim, self.model):
@@ -210,7 +222,11 @@ class TrainConfig:
             raise ValueError("iterations and prompts_per_iter must be >= 1")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages compare samples within a group), got {self.group_size}")
-        if not self.rewards or any(w < 0 for w in self.rewards.values()) or not sum(self.rewards.values()) > 0:
+        for name, spec in self.rewards.items():
+            if isinstance(spec, dict) and not isinstance(spec.get("weight", 1.0), (int, float)):
+                raise ValueError(f"rewards.{name}.weight must be a number, got {spec['weight']!r}")
+        weights = self.reward_weights
+        if not weights or any(w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
             raise ValueError(f"rewards must map reward names to weights >= 0 with a positive sum, got {self.rewards}")
         if self.eval_every < 1 or self.eval_prompts < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("eval_every, eval_prompts, checkpoint_every and keep_checkpoints must be >= 1")

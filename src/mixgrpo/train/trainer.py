@@ -86,7 +86,7 @@ class GRPOTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.ema = [p.detach().clone() for p in self.params] if cfg.optim.ema else None
         self.train_prompts, self.eval_prompts = self.backend.train_prompts, self.backend.eval_prompts
-        self.rewards = {name: get_reward(name) for name in cfg.rewards}
+        self.rewards = {name: get_reward(name, **options) for name, options in cfg.reward_options.items()}
         s = cfg.sampler
         self.noise = SDENoise(s.sde_kind, s.noise_level)
         self.grid = uniform_grid(s.num_steps, shift=s.shift)
@@ -183,9 +183,9 @@ class GRPOTrainer:
         combined reward has maximal variance (Pro-GRPO's OVF) get one, the rest are not trained."""
         loss, g = self.cfg.loss, group_size or self.cfg.group_size
         if loss.ovf_keep is None:
-            return multi_reward_advantages(rewards, self.cfg.rewards, g, mode=loss.multi_reward_mode,
+            return multi_reward_advantages(rewards, self.cfg.reward_weights, g, mode=loss.multi_reward_mode,
                                            std_mode=loss.std_mode, clip=loss.adv_clip)
-        weights = self.cfg.rewards
+        weights = self.cfg.reward_weights
         total = sum(weights[n] * r for n, r in rewards.items()).view(-1, g)
         chosen = torch.cat([i * g + max_variance_subset(row, loss.ovf_keep) for i, row in enumerate(total)])
         sub = multi_reward_advantages({n: r[chosen] for n, r in rewards.items()}, weights, loss.ovf_keep,
@@ -272,7 +272,7 @@ class GRPOTrainer:
                 )
         else:
             self.nonfinite_streak = 0
-        weights = self.cfg.rewards
+        weights = self.cfg.reward_weights
         total = sum(weights[n] * r for n, r in rewards.items()) / sum(weights.values())
         ok = ~dropped
         row = {
@@ -308,7 +308,7 @@ class GRPOTrainer:
         clean = torch.nan_to_num(images, nan=0.0)
         rewards = {n: score(self.rewards.get(n) or get_reward(n), clean, self.eval_prompts, allow_nonfinite=True)
                    for n in names}
-        weights = self.cfg.rewards
+        weights = self.cfg.reward_weights
         total = sum(weights[n] * rewards[n] for n in weights) / sum(weights.values())
         # means over the images every reward could score; `nonfinite` says how many could not
         ok = finite & torch.stack([torch.isfinite(r) for r in rewards.values()]).all(0)
