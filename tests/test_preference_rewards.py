@@ -264,3 +264,100 @@ def test_a_reward_from_an_entry_point_trains(tmp_path, monkeypatch):
     row = GRPOTrainer(cfg).step(0)
     assert "reward_redness" in row and row["nonfinite_samples"] == 0
     sys.modules.pop("user_reward", None)
+
+
+def _official_imagereward_state(vision, text, mlp):
+    """Our BLIP modules' weights renamed back into ImageReward.pt's keys (the inverse map)."""
+    inverse = {"layer_norm1": "norm1", "self_attn.qkv": "attn.qkv", "self_attn.projection": "attn.proj",
+               "layer_norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    out = {}
+    for k, v in vision.state_dict().items():
+        if k.startswith("encoder.layers."):
+            i, rest = k[len("encoder.layers."):].split(".", 1)
+            name, kind = rest.rsplit(".", 1)
+            out[f"blip.visual_encoder.blocks.{i}.{inverse[name]}.{kind}"] = v
+    sd = vision.state_dict()
+    out.update({"blip.visual_encoder.cls_token": sd["embeddings.class_embedding"],
+                "blip.visual_encoder.pos_embed": sd["embeddings.position_embedding"],
+                "blip.visual_encoder.patch_embed.proj.weight": sd["embeddings.patch_embedding.weight"],
+                "blip.visual_encoder.patch_embed.proj.bias": sd["embeddings.patch_embedding.bias"],
+                "blip.visual_encoder.norm.weight": sd["post_layernorm.weight"],
+                "blip.visual_encoder.norm.bias": sd["post_layernorm.bias"]})
+    out.update({f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()})
+    out.update({f"mlp.layers.{k}": v for k, v in mlp.state_dict().items()})
+    out["blip.vision_proj.weight"] = torch.zeros(4, 32)  # present in the official file, unused by the score
+    return out
+
+
+@pytest.fixture(scope="module")
+def imagereward_files(tmp_path_factory):
+    from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+    from mixgrpo.rewards.imagereward import _mlp
+
+    root = tmp_path_factory.mktemp("imagereward")
+    (root / "bert").mkdir()
+    (root / "bert" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    torch.manual_seed(0)
+    vision = BlipVisionModel(BlipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                              num_attention_heads=1, image_size=32, patch_size=8, layer_norm_eps=1e-6))
+    text = BlipTextModel(BlipTextConfig(vocab_size=len(WORDS) + 7, hidden_size=64, num_hidden_layers=2,
+                                        num_attention_heads=1, intermediate_size=128, encoder_hidden_size=64,
+                                        max_position_embeddings=40, is_decoder=True), add_pooling_layer=False)
+    mlp = _mlp(64)
+    for module in (vision, text, mlp):
+        for p in module.parameters():
+            p.data += torch.randn_like(p) * 0.05
+    torch.save(_official_imagereward_state(vision, text, mlp), root / "ImageReward.pt")
+    return root, (vision.eval(), text.eval(), mlp.eval())
+
+
+def test_imagereward_loads_the_official_layout_and_scores(imagereward_files):
+    from transformers import BertTokenizer
+
+    from mixgrpo.rewards.imagereward import (
+        IMAGEREWARD_MEAN,
+        IMAGEREWARD_STD,
+        imagereward_preprocess,
+    )
+
+    root, (vision, text, mlp) = imagereward_files
+    reward = get_reward("imagereward", path=str(root / "ImageReward.pt"), tokenizer=str(root / "bert"), batch_size=3)
+    images = _images(4, 48)
+    ours = score(reward, images, PROMPTS)
+    assert ours.shape == (4,) and torch.isfinite(ours).all() and torch.equal(ours, score(reward, images, PROMPTS))
+    # the official forward, written out: BLIP image tokens -> BERT with cross-attention -> MLP on [CLS]
+    tok = BertTokenizer.from_pretrained(root / "bert")
+    t = tok(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    with torch.no_grad():
+        emb = vision(pixel_values=imagereward_preprocess(images, 32)).last_hidden_state
+        h = text(input_ids=t["input_ids"], attention_mask=t["attention_mask"], encoder_hidden_states=emb,
+                 encoder_attention_mask=torch.ones(emb.shape[:2], dtype=torch.long), is_decoder=False).last_hidden_state
+        expected = (mlp(h[:, 0]).squeeze(-1) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+    assert (ours - expected).abs().max() <= 1e-5
+    assert t["input_ids"][0, 0] == tok.cls_token_id  # [CLS] first: the official score keeps it
+
+
+def test_imagereward_preprocessing_is_resize_shorter_then_centre_crop():
+    from mixgrpo.rewards.imagereward import imagereward_preprocess
+
+    wide = torch.zeros(1, 3, 40, 80)
+    wide[..., 20:60] = 1.0  # a white centre band exactly as wide as the crop
+    out = imagereward_preprocess(wide, 20)
+    assert out.shape == (1, 3, 20, 20)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    assert torch.allclose(out[..., 2:-2], ((1 - mean) / std).expand(1, 3, 20, 16), atol=0.05)
+
+
+def test_imagereward_errors(imagereward_files, hps_files, tmp_path):
+    root, _ = imagereward_files
+    with pytest.raises(ValueError, match="checkpoint of an open_clip CLIP"):
+        get_reward("imagereward", path=str(hps_files[0] / "HPS_v2.1_compressed.pt"), tokenizer=str(root / "bert"))
+    state = torch.load(root / "ImageReward.pt", weights_only=True)
+    del state["blip.visual_encoder.blocks.1.attn.qkv.weight"]
+    torch.save(state, tmp_path / "cut.pt")
+    with pytest.raises(ValueError, match=r"lacks key blip\.visual_encoder\.blocks\.1\.attn\.qkv\.weight"):
+        get_reward("imagereward", path=str(tmp_path / "cut.pt"), tokenizer=str(root / "bert"))
+    with pytest.raises(FileNotFoundError, match=r"no vocab\.txt"):
+        get_reward("imagereward", path=str(root / "ImageReward.pt"), tokenizer=str(tmp_path))

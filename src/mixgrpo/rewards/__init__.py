@@ -11,6 +11,7 @@ from .base import (
 )
 from .composition import CompositionReward
 from .flatness import FlatnessReward
+from .imagereward import ImageRewardReward
 from .preference import CLIPScoreReward, HPSv21Reward, PickScoreReward
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "CompositionReward",
     "FlatnessReward",
     "HPSv21Reward",
+    "ImageRewardReward",
     "PickScoreReward",
     "Reward",
     "check_images",
