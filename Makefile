@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 DEMO_OUT ?= runs/demo
 DEMO_ARGS ?=
 
-.PHONY: venv install dev demo test test-slow lint clean
+.PHONY: venv install dev demo test test-slow lint clean parity
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,20 @@ test: dev
 
 test-slow: dev
 	$(PY) -m pytest -q -m slow
+
+# Parity of our HPS-v2.1 / ImageReward scorers with the official packages. Those need
+# torchvision, whose only build here is a CUDA one that breaks the CPU torch of .venv, so they
+# get their own venv (~5.6 GB). Writes tests/parity/reference.json for the default suite.
+OFFICIAL_VENV ?= .venv-official
+$(OFFICIAL_VENV)/.created:
+	$(PYTHON) -m venv $(OFFICIAL_VENV)
+	$(OFFICIAL_VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(OFFICIAL_VENV)/bin/pip install --quiet hpsv2 image-reward open-clip-torch
+	$(OFFICIAL_VENV)/bin/pip install --quiet -e .
+	touch $@
+
+parity: $(OFFICIAL_VENV)/.created
+	$(OFFICIAL_VENV)/bin/python scripts/parity.py
 
 lint: dev
 	$(PY) -m ruff check src tests
