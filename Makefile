@@ -51,15 +51,24 @@ test-slow: dev
 # torchvision, whose only build here is a CUDA one that breaks the CPU torch of .venv, so they
 # get their own venv (~5.6 GB). Writes tests/parity/reference.json for the default suite.
 OFFICIAL_VENV ?= .venv-official
+# image-reward imports transformers APIs removed after 4.38 and needs `clip` + pkg_resources;
+# the hpsv2 wheel lacks its BPE file (open_clip ships the same one).
+OFFICIAL_PINS := "transformers==4.38.2" "huggingface_hub==0.24.7" "datasets==2.18.0" "diffusers==0.27.2" \
+	"peft==0.10.0" "accelerate==0.30.1" openai-clip "setuptools<70"
 $(OFFICIAL_VENV)/.created:
 	$(PYTHON) -m venv $(OFFICIAL_VENV)
 	$(OFFICIAL_VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(OFFICIAL_VENV)/bin/pip install --quiet hpsv2 image-reward open-clip-torch
-	$(OFFICIAL_VENV)/bin/pip install --quiet -e .
+	$(OFFICIAL_VENV)/bin/pip install --quiet --no-deps -e .
+	$(OFFICIAL_VENV)/bin/pip install --quiet $(OFFICIAL_PINS) pyyaml scipy safetensors
+	cp $(OFFICIAL_VENV)/lib/python3*/site-packages/open_clip/bpe_simple_vocab_16e6.txt.gz \
+	   $(OFFICIAL_VENV)/lib/python3*/site-packages/hpsv2/src/open_clip/
 	touch $@
 
-parity: $(OFFICIAL_VENV)/.created
+# step 1 (official packages) writes the reference; step 2 checks ours against it in .venv
+parity: $(OFFICIAL_VENV)/.created dev
 	$(OFFICIAL_VENV)/bin/python scripts/parity.py
+	$(PY) -m pytest -q tests/test_parity_reference.py
 
 lint: dev
 	$(PY) -m ruff check src tests

@@ -12,6 +12,7 @@ from .base import (
 from .composition import CompositionReward
 from .flatness import FlatnessReward
 from .imagereward import ImageRewardReward
+from .official import OfficialHPS, OfficialImageReward
 from .preference import CLIPScoreReward, HPSv21Reward, PickScoreReward
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "FlatnessReward",
     "HPSv21Reward",
     "ImageRewardReward",
+    "OfficialHPS",
+    "OfficialImageReward",
     "PickScoreReward",
     "Reward",
     "check_images",
