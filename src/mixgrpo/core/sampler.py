@@ -35,6 +35,7 @@ __all__ = [
     "SamplingPlan",
     "Transitions",
     "Velocity",
+    "concat_rollouts",
     "flash_plan",
     "initial_noise",
     "mixed_plan",
@@ -213,7 +214,7 @@ def sample(
     noise: SDENoise | None = None,
     *,
     reduction: Reduction = "mean",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     keep_moments: bool = False,
     keep_trajectory: bool = False,
     prefix_groups: int | None = None,
@@ -232,7 +233,8 @@ def sample(
         plan: the grid and step kinds.
         noise: the SDE form; required when the plan has SDE steps.
         reduction: log-prob reduction over non-batch dims.
-        generator: RNG for the SDE noise.
+        generator: RNG for the SDE noise; a sequence gives each contiguous block of rows (a
+            group) its own stream (see :func:`~mixgrpo.core.steps.standard_noise`).
         keep_moments: also keep each SDE step's mean and std (for a KL term).
         keep_trajectory: keep every intermediate sample (for plots and tests).
         prefix_groups: shared-prefix rollouts (BranchGRPO-style): rows come in groups of this
@@ -311,6 +313,25 @@ def sample(
         )
     return Rollout(x0=x, transitions=transitions, model_passes=plan.num_steps, trajectory=trajectory,
                    kept=alive, row_passes=row_passes)
+
+
+def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
+    """Rollouts of consecutive blocks of rows (chunks of groups, same plan) as one batch; each
+    part's ``kept`` must already index rows of the whole batch."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def rows(name: str) -> torch.Tensor | None:
+        values = [getattr(p.transitions, name) for p in parts]
+        return None if values[0] is None else torch.cat(values, dim=1)
+
+    transitions = None
+    if parts[0].transitions is not None:
+        first = parts[0].transitions
+        transitions = Transitions(first.step_index, rows("x"), rows("x_next"), first.t, first.t_next, rows("log_prob"),
+                                  rows("mean"), rows("std"))
+    return Rollout(torch.cat([p.x0 for p in parts]), transitions, parts[0].model_passes,
+                   kept=torch.cat([p.kept for p in parts]), row_passes=sum(p.row_passes for p in parts))
 
 
 def _rows(velocity: Velocity, index: torch.Tensor) -> Velocity:

@@ -12,6 +12,7 @@ Flow conventions: ``x_t = (1 - t) x0 + t eps``, velocity ``v = eps - x0``, so
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +29,7 @@ __all__ = [
     "gaussian_log_prob",
     "sde_moments",
     "sde_step",
+    "standard_noise",
     "transition_log_prob",
     "upcast",
     "x0_from_velocity",
@@ -159,6 +161,26 @@ class SDETransition:
     std: torch.Tensor
 
 
+def standard_noise(
+    shape: Sequence[int], generator: torch.Generator | Sequence[torch.Generator] | None,
+    device: torch.device | str, dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``N(0, I)`` of ``shape``, drawn where the generator lives (the CPU in the trainer, so a
+    seed gives the same noise on any device), then moved to ``device``.
+
+    A sequence of ``n`` generators splits the rows into ``n`` equal contiguous blocks, block
+    ``i`` drawn from generator ``i``: each group of a batch keeps its own noise stream, so its
+    samples do not depend on which groups share the batch."""
+    if generator is None or isinstance(generator, torch.Generator):
+        where = generator.device if generator is not None else device
+        return torch.randn(tuple(shape), generator=generator, device=where, dtype=dtype).to(device)
+    rows, n = shape[0], len(generator)
+    if n == 0 or rows % n:
+        raise ValueError(f"{rows} rows cannot be split evenly among {n} per-group generators")
+    block = (rows // n, *shape[1:])
+    return torch.cat([torch.randn(block, generator=g, device=g.device, dtype=dtype) for g in generator]).to(device)
+
+
 def sde_step(
     x: torch.Tensor,
     v: torch.Tensor,
@@ -166,7 +188,7 @@ def sde_step(
     t_next: Time,
     noise: SDENoise,
     *,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     eps: torch.Tensor | None = None,
 ) -> SDETransition:
     """Draw ``x_next = mean + std * eps``, ``eps ~ N(0, I)`` (see :func:`sde_moments`).
@@ -176,9 +198,7 @@ def sde_step(
     """
     mean, std = sde_moments(x, v, t, t_next, noise)
     if eps is None:
-        # drawn where the generator lives (the CPU in the trainer): the same noise on any device
-        where = generator.device if generator is not None else mean.device
-        eps = torch.randn(mean.shape, generator=generator, device=where, dtype=mean.dtype).to(mean.device)
+        eps = standard_noise(mean.shape, generator, mean.device, mean.dtype)
     return SDETransition(x_next=mean + std * eps.to(mean.dtype), mean=mean, std=std)
 
 

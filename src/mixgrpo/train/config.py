@@ -51,6 +51,8 @@ class SamplerConfig:
     shared_prefix: bool = False  # run the ODE steps before the first SDE step once per group, then branch
     prune_offsets: list[int] = field(default_factory=list)  # Expand-and-Prune: prune after first SDE step + offset
     prune_keep: int | None = None  # members per group left after the last prune (group_size is the expanded size)
+    noise_per_group: bool = False  # each group's noise from its own generator: samples independent of batching/sharding
+    groups_per_call: int | None = None  # groups per sampler call (None: all); needs noise_per_group
 
     def validate(self) -> None:
         if self.num_steps < 2:
@@ -67,6 +69,9 @@ class SamplerConfig:
             raise ValueError("sampler.flash_compression needs sampler.sde_on='trained' (a window, then the DPM tail)")
         if self.shared_prefix and not self.shared_noise:
             raise ValueError("sampler.shared_prefix needs sampler.shared_noise: true (the prefix is shared because the noise is)")
+        if self.groups_per_call is not None and (self.groups_per_call < 1 or not self.noise_per_group):
+            raise ValueError("sampler.groups_per_call must be >= 1 and needs sampler.noise_per_group: true (then "
+                             "chunking the batch leaves every sample unchanged)")
         if bool(self.prune_offsets) != (self.prune_keep is not None):
             raise ValueError("Expand-and-Prune needs both sampler.prune_offsets (e.g. [0, 2]) and sampler.prune_keep")
         if any(o < 0 for o in self.prune_offsets) or len(set(self.prune_offsets)) != len(self.prune_offsets):
@@ -191,6 +196,7 @@ class TrainConfig:
     seed: int = 0  # every random draw derives from (seed, iteration)
     # name -> weight, or name -> {weight: w, <constructor options>} (e.g. {hps: {weight: 1, path: ...}})
     rewards: dict[str, float | dict[str, Any]] = field(default_factory=lambda: {"composition": 1.0})
+    rewards_in_background: bool = False  # score a chunk's images in a thread while the next chunk samples
     eval_every: int = 20  # held-out evaluation interval (iterations), also at start and end
     eval_prompts: int = 64  # held-out prompts per evaluation
     checkpoint_every: int = 10  # iterations between checkpoints
@@ -215,6 +221,9 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         for section in (self.sampler, self.schedule, self.loss, self.optim, self.model):
             section.validate()
+        if self.rewards_in_background and self.sampler.groups_per_call is None:
+            raise ValueError("rewards_in_background overlaps scoring with sampling of the next chunk: set "
+                             "sampler.groups_per_call (and sampler.noise_per_group: true)")
         if self.sampler.shift == "scheduler" and self.model.kind == "tiny-dit":
             raise ValueError("sampler.shift=scheduler reads a diffusers pipeline's scheduler config; the embedded "
                              "model has none, give a number (e.g. 3)")

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,15 @@ import torch
 from ..core.grids import uniform_grid
 from ..core.grpo import Advantages, gaussian_kl, multi_reward_advantages, ppo_clip_loss
 from ..core.ovf import max_variance_subset
-from ..core.sampler import Rollout, SamplingPlan, flash_plan, initial_noise, mixed_plan, sample
+from ..core.sampler import (
+    Rollout,
+    SamplingPlan,
+    concat_rollouts,
+    flash_plan,
+    initial_noise,
+    mixed_plan,
+    sample,
+)
 from ..core.steps import SDENoise, gaussian_log_prob, sde_moments
 from ..core.windows import WindowSchedule
 from ..inference.generate import generate_prompts
@@ -53,10 +62,12 @@ class RolloutBatch:
     trained: list[int]  # positions in rollout.transitions that carry the loss
     plan: SamplingPlan
     group_size: int  # members per group in this batch (after any pruning)
+    rewards: dict[str, torch.Tensor] | None = None  # already scored (rewards_in_background)
 
 
-def _generator(seed: int, iteration: int, stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, iteration, stream]).generate_state(1)[0]))
+def _generator(seed: int, iteration: int, stream: int, *more: int) -> torch.Generator:
+    entropy = [seed, iteration, stream, *more]
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
 
 class GRPOTrainer:
@@ -130,34 +141,66 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def rollout(self, iteration: int) -> RolloutBatch:
-        cfg = self.cfg
+        """Sample the iteration's groups (in chunks of ``sampler.groups_per_call``; with
+        ``rewards_in_background`` each chunk is decoded and scored in a thread while the next
+        one samples)."""
+        cfg, s = self.cfg, self.cfg.sampler
+        p, g = cfg.prompts_per_iter, cfg.group_size
         rng = np.random.default_rng([cfg.seed, iteration, 1])
-        picks = rng.choice(len(self.train_prompts), size=cfg.prompts_per_iter, replace=False)
-        prompts = [self.train_prompts[i] for i in picks for _ in range(cfg.group_size)]
+        picks = rng.choice(len(self.train_prompts), size=p, replace=False)
+        prompts = [self.train_prompts[i] for i in picks for _ in range(g)]
         cond = self.backend.condition(prompts)
-        gen = _generator(cfg.seed, iteration, 2)
         mc = self.model.config
-        x1 = initial_noise(cfg.prompts_per_iter, cfg.group_size, (mc.channels, mc.image_size, mc.image_size),
-                           shared=cfg.sampler.shared_noise, generator=gen).to(self.device)
+        shape = (mc.channels, mc.image_size, mc.image_size)
+        if s.noise_per_group:  # group i's stream: (seed, iteration, 2, i)
+            gens = [_generator(cfg.seed, iteration, 2, i) for i in range(p)]
+            x1 = torch.cat([initial_noise(1, g, shape, shared=s.shared_noise, generator=gen) for gen in gens])
+        else:
+            gens = [_generator(cfg.seed, iteration, 2)]
+            x1 = initial_noise(p, g, shape, shared=s.shared_noise, generator=gens[0])
+        x1 = x1.to(self.device)
         plan, trained = self.plan(iteration)
         self.model.eval()
-        out = sample(ConditionedVelocity(self.velocity, cond), x1, plan, self.noise, reduction=cfg.loss.reduction,
-                     generator=gen, keep_moments=cfg.loss.kl_beta > 0,
-                     prefix_groups=cfg.group_size if cfg.sampler.shared_prefix else None,
-                     prune=make_pruning(plan, cfg.sampler, cfg.group_size))
-        group_size = cfg.group_size
-        if cfg.sampler.prune_keep is not None:
-            group_size = cfg.sampler.prune_keep
+        step = s.groups_per_call or p
+        parts, finished = [], []
+        with ThreadPoolExecutor(1) if cfg.rewards_in_background else nullcontext() as pool:
+            for first in range(0, p, step):
+                groups = range(first, min(first + step, p))
+                rows = torch.arange(groups.start * g, groups.stop * g, device=self.device)
+                out = sample(ConditionedVelocity(self.velocity, cond.index(rows)), x1[rows], plan, self.noise,
+                             reduction=cfg.loss.reduction, keep_moments=cfg.loss.kl_beta > 0,
+                             generator=gens[groups.start : groups.stop] if s.noise_per_group else gens[0],
+                             prefix_groups=g if s.shared_prefix else None, prune=make_pruning(plan, s, g))
+                out.kept = out.kept + groups.start * g  # rows of the whole batch
+                parts.append(out)
+                kept_prompts = [prompts[i] for i in out.kept.tolist()]
+                work = (self._decode_and_score, out.x0, kept_prompts, pool is not None)
+                finished.append(pool.submit(*work) if pool is not None else work[0](*work[1:]))
+        done = [f.result() if pool is not None else f for f in finished]
+        out = concat_rollouts(parts)
+        images = torch.cat([d[0] for d in done])
+        rewards = {n: torch.cat([d[1][n] for d in done]) for n in self.rewards} if cfg.rewards_in_background else None
+        group_size = g
+        if s.prune_keep is not None:
+            group_size = s.prune_keep
             prompts, cond = [prompts[i] for i in out.kept.tolist()], cond.index(out.kept)
         trained_set = set(trained)
         positions = [i for i, k in enumerate(out.transitions.step_index) if k in trained_set]
-        images = self.backend.decode(out.x0).float().cpu()  # rewards score CPU images
-        return RolloutBatch(prompts, cond, out, images, positions, plan, group_size)
+        return RolloutBatch(prompts, cond, out, images, positions, plan, group_size, rewards)
+
+    def _decode_and_score(self, x0: torch.Tensor, prompts: list[str], score_now: bool):
+        """Images of final samples (CPU, [0, 1]) and, when asked, every reward on them."""
+        images = self.backend.decode(x0).float().cpu()
+        return images, (self._score_images(images, prompts) if score_now else None)
+
+    def _score_images(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        clean = torch.nan_to_num(images, nan=0.0)  # NaN samples are found from their latents and dropped
+        return {name: score(fn, clean, prompts, allow_nonfinite=True) for name, fn in self.rewards.items()}
 
     def score(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
-        """Every reward on the batch; NaN/Inf scores come back as they are (see :meth:`nonfinite_samples`)."""
-        images = torch.nan_to_num(batch.images, nan=0.0)  # NaN samples are found from their latents and dropped
-        return {name: score(fn, images, batch.prompts, allow_nonfinite=True) for name, fn in self.rewards.items()}
+        """Every reward on the batch (scored during the rollout with ``rewards_in_background``);
+        NaN/Inf scores come back as they are (see :meth:`nonfinite_samples`)."""
+        return batch.rewards if batch.rewards is not None else self._score_images(batch.images, batch.prompts)
 
     @staticmethod
     def nonfinite_samples(batch: RolloutBatch, rewards: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[str]]:
