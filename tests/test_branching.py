@@ -199,3 +199,59 @@ def test_a_prune_step_after_the_window_fails_at_rollout(tiny_checkpoint):
     cfg = tiny_config(tiny_checkpoint, "mixgrpo-pro", "sampler.prune_offsets=[0,5]")
     with pytest.raises(ValueError, match="falls after the window's last SDE step"):
         GRPOTrainer(cfg).rollout(0)
+
+
+# ------------------------------------------------------------------ per-group noise, chunks
+def test_per_group_noise_makes_a_groups_samples_independent_of_its_batch():
+    """With one generator per group, sampling the groups together, one by one, or with
+    pruning and a shared prefix gives each group bitwise the same samples."""
+    from mixgrpo.core.sampler import concat_rollouts
+    from mixgrpo.core.steps import standard_noise
+
+    plan = mixed_plan(uniform_grid(10), [3, 4, 5])
+    noise = SDENoise("flow_grpo", 0.7)
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(P)]  # noqa: E731
+    x1 = _noise()
+    together = sample(_velocity([]), x1, plan, noise, generator=gens(), prefix_groups=G)
+    parts = []
+    for i, gen in enumerate(gens()):
+        rows = torch.arange(i * G, (i + 1) * G)
+        part = sample(_velocity([]).rows(rows), x1[rows], plan, noise, generator=[gen], prefix_groups=G)
+        part.kept = part.kept + i * G
+        parts.append(part)
+    one_by_one = concat_rollouts(parts)
+    assert torch.equal(together.x0, one_by_one.x0) and torch.equal(together.kept, one_by_one.kept)
+    assert torch.equal(together.transitions.log_prob, one_by_one.transitions.log_prob)
+    assert together.row_passes == one_by_one.row_passes
+    assert torch.equal(standard_noise((4, 2), torch.Generator().manual_seed(3), "cpu"),
+                       torch.randn(4, 2, generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="cannot be split evenly"):
+        standard_noise((5, 2), gens(), "cpu")
+
+
+@pytest.mark.parametrize("preset", ["mixgrpo", "mixgrpo-pro"])
+def test_chunked_rollout_and_background_rewards_match_the_single_call(tiny_checkpoint, preset):
+    """groups_per_call only changes how the batch is cut, and rewards_in_background only
+    when the scoring runs: the iteration's numbers stay the same."""
+    rows = []
+    for extra in (["sampler.noise_per_group=true"],
+                  ["sampler.noise_per_group=true", "sampler.groups_per_call=1"],
+                  ["sampler.noise_per_group=true", "sampler.groups_per_call=1", "rewards_in_background=true"]):
+        trainer = GRPOTrainer(tiny_config(tiny_checkpoint, preset, *extra))
+        batch = trainer.rollout(0)
+        rows.append((batch, trainer.score(batch), trainer.step(1)))
+    (b0, r0, s0), *rest = rows
+    for batch, rewards, step in rest:
+        assert torch.allclose(batch.rollout.x0, b0.rollout.x0, atol=1e-5)
+        assert torch.equal(batch.rollout.kept, b0.rollout.kept) and batch.prompts == b0.prompts
+        assert all(torch.allclose(rewards[n], r0[n], atol=1e-5) for n in r0)
+        assert step["reward_mean"] == pytest.approx(s0["reward_mean"], abs=1e-5)
+        assert step["model_passes_per_image"] == s0["model_passes_per_image"]
+    assert rows[2][0].rewards is not None and rows[0][0].rewards is None
+
+
+def test_chunking_options_need_per_group_noise():
+    with pytest.raises(ValueError, match=r"needs sampler\.noise_per_group"):
+        apply_overrides(make_preset("mixgrpo"), ["sampler.groups_per_call=1"])
+    with pytest.raises(ValueError, match=r"set sampler\.groups_per_call"):
+        apply_overrides(make_preset("mixgrpo"), ["rewards_in_background=true"])
