@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 from typing import Annotated
@@ -93,8 +94,9 @@ def train(
     except ValueError as err:
         _fail(str(err))
     columns = (TextColumn("iter"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
     try:
-        with Progress(*columns, console=console) as progress:
+        with Progress(*columns, console=console, disable=not main_rank) as progress:
             task = progress.add_task("train", total=cfg.iterations, info="evaluating base...")
 
             def show(row: dict) -> None:
@@ -107,8 +109,9 @@ def train(
         raise typer.Exit(128 + stop.signum) from None
     except ValueError as err:
         _fail(str(err))
-    console.print_json(data=summary)
-    console.print(f"samples: {out / 'samples'}  curves: {out / 'reward_curve.png'}, {out / 'eval_curve.png'}")
+    if main_rank:
+        console.print_json(data=summary)
+        console.print(f"samples: {out / 'samples'}  curves: {out / 'reward_curve.png'}, {out / 'eval_curve.png'}")
 
 
 def _parse_blends(blend: str) -> list[float]:

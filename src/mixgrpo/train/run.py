@@ -27,6 +27,7 @@ import yaml
 from ..viz import save_curve, save_image_grid
 from .checkpointing import latest_iteration, load_latest, save_checkpoint
 from .config import TrainConfig, config_from_dict, config_to_dict
+from .distributed import barrier, check_distributed_config, dist_from_environment, sum_over_ranks
 from .trainer import GRPOTrainer
 
 __all__ = ["TrainingInterrupted", "check_run_dir", "prepare_run_dir", "train"]
@@ -103,19 +104,32 @@ def train(
     cfg: TrainConfig, out: str | Path, *, resume: bool = False,
     on_iteration: Callable[[dict[str, Any]], None] | None = None, trainer: GRPOTrainer | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) a training job in ``out``; returns the summary."""
+    """Run (or resume) a training job in ``out``; returns the summary.
+
+    Under torchrun every rank trains its share of the groups (see :mod:`.distributed`); rank 0
+    alone evaluates and writes logs, images and checkpoints (the weights are the same on all
+    ranks), and returns the summary (the others return ``{}``)."""
     out = Path(out)
-    cfg = prepare_run_dir(out, cfg, resume)
-    trainer = trainer or GRPOTrainer(cfg)
+    d = trainer.dist if trainer is not None else dist_from_environment(cfg.model.device)
+    check_distributed_config(cfg, d)
+    check_run_dir(out, resume)
+    barrier(d)  # every rank has checked the folder before rank 0 writes to it
+    if d.is_main:
+        cfg = prepare_run_dir(out, cfg, resume)
+    barrier(d)
+    if resume and not d.is_main:
+        cfg = config_from_dict(yaml.safe_load((out / "config.yaml").read_text())).validate()
+    trainer = trainer or GRPOTrainer(cfg, dist=d)
     metrics_path, eval_path = out / "metrics.jsonl", out / "eval.jsonl"
     start_iteration, elapsed_before = 0, 0.0
     if resume:
         last, weights, state = load_latest(out / "checkpoints", trainer.optimizer)
         trainer.load_trainable_state(weights)
         start_iteration, elapsed_before = last + 1, state.get("wall_time_s", 0.0)
-        _truncate_jsonl(metrics_path, last)  # rows are iteration indices
-        _truncate_jsonl(eval_path, last + 1)  # rows count completed iterations
-    tb = _tensorboard(out / "tb")
+        if d.is_main:
+            _truncate_jsonl(metrics_path, last)  # rows are iteration indices
+            _truncate_jsonl(eval_path, last + 1)  # rows count completed iterations
+    tb = _tensorboard(out / "tb") if d.is_main else None
     started = time.perf_counter()
 
     def evaluate(completed: int) -> dict[str, Any]:
@@ -136,20 +150,24 @@ def train(
 
     try:
         with _stop_requests() as stop:
-            if start_iteration == 0:
+            if start_iteration == 0 and d.is_main:
                 evaluate(0)
             for iteration in range(start_iteration, cfg.iterations):
                 row = trainer.step(iteration)
-                trainer.write_metrics(metrics_path, row)
+                if d.is_main:
+                    trainer.write_metrics(metrics_path, row)
                 if tb:
                     for k, v in row.items():
                         tb.add_scalar(f"train/{k}", v, iteration)
-                if on_iteration is not None:
+                if on_iteration is not None and d.is_main:
                     on_iteration(row)
                 last = iteration == cfg.iterations - 1
-                if (iteration + 1) % cfg.eval_every == 0 or last:
+                if ((iteration + 1) % cfg.eval_every == 0 or last) and d.is_main:
                     evaluate(iteration + 1)
-                if (iteration + 1) % cfg.checkpoint_every == 0 or last or stop["signum"] is not None:
+                # ranks agree on a stop request, so none waits in a collective for the others
+                if d.enabled and sum_over_ranks(float(stop["signum"] is not None), d) > 0 and stop["signum"] is None:
+                    stop["signum"] = signal.SIGTERM
+                if ((iteration + 1) % cfg.checkpoint_every == 0 or last or stop["signum"] is not None) and d.is_main:
                     checkpoint(iteration)
                 if stop["signum"] is not None and not last:
                     name = signal.Signals(stop["signum"]).name
@@ -159,6 +177,9 @@ def train(
     finally:
         if tb:
             tb.close()
+    barrier(d)  # the last checkpoint is on disk before any rank leaves
+    if not d.is_main:
+        return {}
     return _summarise(out, cfg, trainer, elapsed_before + time.perf_counter() - started)
 
 

@@ -43,6 +43,13 @@ from ..rewards import get_reward, score
 from .backends import make_backend
 from .branching import ConditionedVelocity, make_pruning
 from .config import TrainConfig
+from .distributed import (
+    Dist,
+    all_gather_rows,
+    all_reduce_gradients,
+    check_distributed_config,
+    sum_over_ranks,
+)
 
 __all__ = ["GRPOTrainer", "NonFiniteError", "RolloutBatch"]
 
@@ -73,12 +80,17 @@ def _generator(seed: int, iteration: int, stream: int, *more: int) -> torch.Gene
 class GRPOTrainer:
     """Holds the policy, optimizer and data; :meth:`step` runs one GRPO iteration."""
 
-    def __init__(self, cfg: TrainConfig, model: torch.nn.Module | None = None):
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module | None = None, dist: Dist | None = None):
         self.cfg = cfg = copy.deepcopy(cfg.validate())  # a private copy: the resolved shift goes in below
+        self.dist = dist or Dist()
+        check_distributed_config(cfg, self.dist)
+        self.device = torch.device(cfg.model.device)
+        if self.dist.enabled and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
+            cfg.model.device = str(self.device)
         self.backend = make_backend(cfg, model)
         if cfg.sampler.shift == "scheduler":
             cfg.sampler.shift = self.backend.scheduler_shift
-        self.device = torch.device(cfg.model.device)
         self.model = self.backend.model
         self.reference: torch.nn.Module | None = None
         if cfg.model.lora_rank > 0:
@@ -145,15 +157,17 @@ class GRPOTrainer:
         ``rewards_in_background`` each chunk is decoded and scored in a thread while the next
         one samples)."""
         cfg, s = self.cfg, self.cfg.sampler
-        p, g = cfg.prompts_per_iter, cfg.group_size
+        g = cfg.group_size
         rng = np.random.default_rng([cfg.seed, iteration, 1])
-        picks = rng.choice(len(self.train_prompts), size=p, replace=False)
-        prompts = [self.train_prompts[i] for i in picks for _ in range(g)]
+        picks = rng.choice(len(self.train_prompts), size=cfg.prompts_per_iter, replace=False)
+        local = self.dist.local_groups(cfg.prompts_per_iter)  # all of them in a single process
+        p = len(local)
+        prompts = [self.train_prompts[picks[i]] for i in local for _ in range(g)]
         cond = self.backend.condition(prompts)
         mc = self.model.config
         shape = (mc.channels, mc.image_size, mc.image_size)
-        if s.noise_per_group:  # group i's stream: (seed, iteration, 2, i)
-            gens = [_generator(cfg.seed, iteration, 2, i) for i in range(p)]
+        if s.noise_per_group:  # group i's stream: (seed, iteration, 2, i), whichever rank samples it
+            gens = [_generator(cfg.seed, iteration, 2, i) for i in local]
             x1 = torch.cat([initial_noise(1, g, shape, shared=s.shared_noise, generator=gen) for gen in gens])
         else:
             gens = [_generator(cfg.seed, iteration, 2)]
@@ -246,14 +260,16 @@ class GRPOTrainer:
         valid = adv.valid.nonzero().squeeze(1).to(self.device)
         advantages = adv.advantages.to(self.device)
         stats = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "ratio_mean": 0.0, "kl": 0.0, "skipped_update": 0.0}
-        if valid.numel() == 0 or not batch.trained:
+        n_valid = round(sum_over_ranks(float(valid.numel()), self.dist))  # the loss averages over all ranks' samples
+        if n_valid == 0 or not batch.trained:
             return stats
         self.model.train()
         chunks = valid.split(cfg.optim.micro_batch)
-        weight_per_sample = 1.0 / (valid.numel() * len(batch.trained))
+        weight_per_sample = 1.0 / (n_valid * len(batch.trained))
         terms = 0
         for _ in range(cfg.optim.inner_epochs):
             self.optimizer.zero_grad(set_to_none=True)
+            epoch_loss = stats["loss"]
             for s in batch.trained:
                 t, t_next = tr.t[s].item(), tr.t_next[s].item()
                 for idx in chunks:
@@ -275,6 +291,8 @@ class GRPOTrainer:
                     for key in ("clip_frac", "approx_kl", "ratio_mean"):
                         stats[key] += st[key].item()
                     terms += 1
+            all_reduce_gradients(self.params, self.dist)  # sum: each rank's loss is already / n_valid
+            stats["loss"] = epoch_loss + sum_over_ranks(stats["loss"] - epoch_loss, self.dist)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
             if not (torch.isfinite(grad_norm) and math.isfinite(stats["loss"])):
                 # a NaN/Inf step would poison the weights: drop it, the caller counts it
@@ -297,12 +315,17 @@ class GRPOTrainer:
         batch = self.rollout(iteration)
         rewards = self.score(batch)
         bad, reasons = self.nonfinite_samples(batch, rewards)
+        n_local = len(bad)
+        if self.dist.enabled:  # every rank sees the whole batch's rewards, in group order
+            rewards = {n: all_gather_rows(r, self.dist) for n, r in rewards.items()}
+            bad = all_gather_rows(bad.to(torch.uint8), self.dist).bool()
         # a group with any non-finite member gets constant rewards: zero advantage, no update
         g = batch.group_size
         dropped = bad.view(-1, g).any(1).repeat_interleave(g)
         rewards = {n: r.masked_fill(dropped, 0.0) for n, r in rewards.items()}
         adv = self.advantages(rewards, g)
-        stats = self.update(batch, adv)
+        mine = slice(self.dist.rank * n_local, (self.dist.rank + 1) * n_local)
+        stats = self.update(batch, Advantages(adv.advantages[mine], adv.valid[mine], adv.num_zero_variance_groups))
         # partial NaN/Inf only costs its groups; an iteration that taught nothing because of
         # them counts towards optim.max_nonfinite
         if stats["skipped_update"] or (bad.any() and dropped.all()):

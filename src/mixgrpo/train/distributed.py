@@ -1,0 +1,120 @@
+"""Data-parallel training under torchrun: which groups a rank samples, and the collectives.
+
+Launch with torchrun (``torchrun --nproc_per_node 8 -m mixgrpo train ...``; multi-node with
+its rendezvous flags). Each rank samples ``prompts_per_iter / world_size`` whole groups, so a
+group never straddles ranks; rewards (and the non-finite mask) are all-gathered, so every rank
+computes the same advantages over the whole batch (group statistics and the ``global`` std
+mode see everything) and keeps its own rows. Gradients are summed over ranks with one
+all-reduce per optimizer step, the loss being normalised by the *global* number of trained
+samples: the update equals the single-process one. With ``sampler.noise_per_group`` every
+group's noise comes from (seed, iteration, group) whatever rank draws it, so a 2-process run
+reproduces the 1-process run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "Dist",
+    "all_gather_rows",
+    "all_reduce_gradients",
+    "barrier",
+    "check_distributed_config",
+    "dist_from_environment",
+    "sum_over_ranks",
+]
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place: ``rank`` of ``world_size`` (``local_rank`` on its node)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def local_groups(self, num_groups: int) -> range:
+        """The groups (prompt indices of the iteration) this rank samples."""
+        per_rank = num_groups // self.world_size
+        return range(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+
+def dist_from_environment(device: str = "cpu") -> Dist:
+    """The torchrun environment as a :class:`Dist` (a single process without it); starts the
+    process group (NCCL on CUDA, gloo on the CPU) when there are several processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} unset: launch with torchrun "
+                         "(e.g. torchrun --nproc_per_node 2 -m mixgrpo train ...), which sets the rendezvous")
+    d = Dist(int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+    return d
+
+
+def check_distributed_config(cfg, d: Dist) -> None:
+    """Refuse, on every rank and before any work, what data parallelism cannot split exactly."""
+    if not d.enabled:
+        return
+    if cfg.prompts_per_iter % d.world_size:
+        raise ValueError(f"prompts_per_iter {cfg.prompts_per_iter} is not divisible by the {d.world_size} processes: "
+                         "each rank samples whole groups; use a multiple of the world size")
+    if not cfg.sampler.noise_per_group:
+        raise ValueError("multi-process training needs sampler.noise_per_group: true (each group's noise then "
+                         "does not depend on the rank that samples it); add --set sampler.noise_per_group=true")
+
+
+def _wire(x: torch.Tensor) -> torch.Tensor:
+    """Where the backend can send ``x`` from (NCCL: the rank's GPU)."""
+    return x.cuda() if dist.get_backend() == "nccl" else x
+
+
+def all_gather_rows(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Every rank's ``x`` (same shape on all ranks) concatenated in rank order along dim 0."""
+    if not d.enabled:
+        return x
+    sent = _wire(x.contiguous())
+    parts = [torch.empty_like(sent) for _ in range(d.world_size)]
+    dist.all_gather(parts, sent)
+    return torch.cat(parts).to(x.device)
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def sum_over_ranks(value: float, d: Dist) -> float:
+    if not d.enabled:
+        return value
+    t = _wire(torch.tensor([value], dtype=torch.float64))
+    dist.all_reduce(t)
+    return t.item()
+
+
+def all_reduce_gradients(params: list[torch.nn.Parameter], d: Dist) -> None:
+    """Sum every parameter's gradient over ranks in one flat all-reduce (missing ones count as
+    zero: a rank whose samples all carried no signal still joins)."""
+    if not d.enabled:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+        p.grad = g.view_as(p).clone()

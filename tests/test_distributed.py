@@ -1,0 +1,79 @@
+"""torchrun data parallelism on the CPU (gloo): 2 processes reproduce 1 process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mixgrpo.train.config import config_to_dict
+from tiny_runs import make_tiny_checkpoint, tiny_config
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    cfg = tiny_config(make_tiny_checkpoint(root / "tiny"), "mixgrpo", "sampler.noise_per_group=true", "iterations=2",
+                      "eval_every=2", "checkpoint_every=2", "eval_prompts=4", "rewards={flatness: 1.0}")
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    return path
+
+
+def _torchrun(nproc: int, out, config, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "mixgrpo", "train", "--out", str(out), "--config", str(config), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def _weights(run):
+    return load_file(str(run / "checkpoints" / "iter_000001" / "weights.safetensors"))
+
+
+def test_two_processes_train_like_one(config_file, tmp_path):
+    one = _torchrun(1, tmp_path / "one", config_file)
+    two = _torchrun(2, tmp_path / "two", config_file)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    start = _weights_at_start(config_file)
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # it did train
+    # rank 0 alone logged: one metrics row per iteration, same rewards as the single process
+    rows = [yaml.safe_load(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    ref = [yaml.safe_load(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert [r["reward_mean"] for r in rows] == pytest.approx([r["reward_mean"] for r in ref], abs=1e-6)
+
+
+def _weights_at_start(config_file):
+    from mixgrpo.models.checkpoint import load_tiny_dit
+
+    ckpt = yaml.safe_load(config_file.read_text())["model"]["checkpoint"]
+    return {k: v for k, v in load_tiny_dit(ckpt).state_dict().items()}
+
+
+@pytest.mark.parametrize(("extra", "match"), [
+    (["--set", "prompts_per_iter=3"], "not divisible by the 2 processes"),
+    (["--set", "sampler.noise_per_group=false"], "needs sampler.noise_per_group"),
+])
+def test_bad_distributed_setups_fail_on_every_rank_before_work(config_file, tmp_path, extra, match):
+    result = _torchrun(2, tmp_path / "run", config_file, *extra)
+    assert result.returncode != 0
+    assert (result.stdout + result.stderr).count(match) >= 2  # both ranks said it
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_rendezvous_is_a_clear_error(config_file, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env.update(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "mixgrpo", "train", "--out", str(tmp_path / "run"),
+                             "--config", str(config_file)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2 and "launch with torchrun" in result.stdout + result.stderr
