@@ -60,7 +60,7 @@ $(OFFICIAL_VENV)/.created:
 	$(OFFICIAL_VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(OFFICIAL_VENV)/bin/pip install --quiet hpsv2 image-reward open-clip-torch
 	$(OFFICIAL_VENV)/bin/pip install --quiet --no-deps -e .
-	$(OFFICIAL_VENV)/bin/pip install --quiet $(OFFICIAL_PINS) pyyaml scipy safetensors
+	$(OFFICIAL_VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 $(OFFICIAL_PINS) pyyaml scipy safetensors
 	cp $(OFFICIAL_VENV)/lib/python3*/site-packages/open_clip/bpe_simple_vocab_16e6.txt.gz \
 	   $(OFFICIAL_VENV)/lib/python3*/site-packages/hpsv2/src/open_clip/
 	touch $@
