@@ -77,3 +77,30 @@ def test_missing_rendezvous_is_a_clear_error(config_file, tmp_path):
     result = subprocess.run([sys.executable, "-m", "mixgrpo", "train", "--out", str(tmp_path / "run"),
                              "--config", str(config_file)], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 2 and "launch with torchrun" in result.stdout + result.stderr
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint(config_file, tmp_path):
+    """torchrun --max-restarts 1: kill -9 one worker after the first checkpoint; the group is
+    restarted, resumes from that checkpoint by itself and completes every iteration once."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           "-m", "mixgrpo", "train", "--out", str(out), "--config", str(config_file),
+           "--set", "iterations=6", "--set", "checkpoint_every=2", "--set", "eval_every=6"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "latest.json").is_file():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    iterations = [yaml.safe_load(x)["iteration"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert iterations == list(range(6))  # rows after the checkpoint were redone, none is doubled
+    assert yaml.safe_load((out / "checkpoints" / "latest.json").read_text())["iteration"] == 5
+    assert "restart" in err.lower() or "Restarting" in err

@@ -79,6 +79,7 @@ def train(
 ) -> None:
     """GRPO fine-tuning with one of the method presets."""
     from .train.config import apply_overrides, config_from_dict, config_to_dict, load_yaml
+    from .train.distributed import elastic_restart_count
     from .train.presets import make_preset
     from .train.run import TrainingInterrupted, check_run_dir
     from .train.run import train as run_train
@@ -90,7 +91,8 @@ def train(
             _merge(data, load_yaml(str(config)))
             cfg = config_from_dict(data).validate()
         cfg = apply_overrides(cfg, list(set_ or []))
-        check_run_dir(out, resume)
+        if elastic_restart_count() == 0:  # a torchrun restart resumes by itself (see train.run)
+            check_run_dir(out, resume)
     except ValueError as err:
         _fail(str(err))
     columns = (TextColumn("iter"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())

@@ -52,6 +52,11 @@ class Dist:
         return range(self.rank * per_rank, (self.rank + 1) * per_rank)
 
 
+def elastic_restart_count() -> int:
+    """How often torchrun has restarted this worker group (``--max-restarts``); 0 outside it."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
 def dist_from_environment(device: str = "cpu") -> Dist:
     """The torchrun environment as a :class:`Dist` (a single process without it); starts the
     process group (NCCL on CUDA, gloo on the CPU) when there are several processes."""

@@ -27,7 +27,13 @@ import yaml
 from ..viz import save_curve, save_image_grid
 from .checkpointing import latest_iteration, load_latest, save_checkpoint
 from .config import TrainConfig, config_from_dict, config_to_dict
-from .distributed import barrier, check_distributed_config, dist_from_environment, sum_over_ranks
+from .distributed import (
+    barrier,
+    check_distributed_config,
+    dist_from_environment,
+    elastic_restart_count,
+    sum_over_ranks,
+)
 from .trainer import GRPOTrainer
 
 __all__ = ["TrainingInterrupted", "check_run_dir", "prepare_run_dir", "train"]
@@ -112,9 +118,17 @@ def train(
     out = Path(out)
     d = trainer.dist if trainer is not None else dist_from_environment(cfg.model.device)
     check_distributed_config(cfg, d)
-    check_run_dir(out, resume)
+    fresh_restart = False
+    if elastic_restart_count() > 0 and not resume:  # torchrun restarted the workers after a failure
+        resume = latest_iteration(out / "checkpoints") is not None
+        fresh_restart = not resume and (out / "config.yaml").is_file()  # it failed before its first checkpoint
+    if not fresh_restart:
+        check_run_dir(out, resume)
     barrier(d)  # every rank has checked the folder before rank 0 writes to it
-    if d.is_main:
+    if d.is_main and fresh_restart:
+        for log in ("metrics.jsonl", "eval.jsonl"):  # rows of the failed attempt are recomputed
+            _truncate_jsonl(out / log, -1)
+    elif d.is_main:
         cfg = prepare_run_dir(out, cfg, resume)
     barrier(d)
     if resume and not d.is_main:
