@@ -104,3 +104,29 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(config_file, tmp_path
     assert iterations == list(range(6))  # rows after the checkpoint were redone, none is doubled
     assert yaml.safe_load((out / "checkpoints" / "latest.json").read_text())["iteration"] == 5
     assert "restart" in err.lower() or "Restarting" in err
+
+
+def test_fsdp_trains_checkpoints_and_resumes_also_on_one_process(config_file, tmp_path):
+    """parallel=fsdp: 2 ranks with FSDP2-sharded weights train like one process, write DCP
+    shards plus consolidated weights, and the run resumes from the shards on 2 ranks and on 1."""
+    fsdp = ["--set", "parallel=fsdp", "--set", "optim.ema=0.9"]
+    ref = _torchrun(1, tmp_path / "one", config_file, "--set", "optim.ema=0.9")
+    two = _torchrun(2, tmp_path / "fsdp", config_file, *fsdp)
+    assert ref.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "fsdp")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert (tmp_path / "fsdp" / "checkpoints" / "iter_000001.dcp" / ".metadata").is_file()
+    # two more iterations from the shards, on 2 ranks and on 1 (resharded on load)
+    for nproc in (2, 1):
+        run = tmp_path / f"resume{nproc}"
+        import shutil
+
+        shutil.copytree(tmp_path / "fsdp", run)
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["iterations"] = 4
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        result = _torchrun(nproc, run, config_file, "--resume")
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = [yaml.safe_load(x)["iteration"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert rows == [0, 1, 2, 3]
+        assert (run / "checkpoints" / "iter_000003" / "weights.safetensors").is_file()

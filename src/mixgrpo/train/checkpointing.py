@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["latest_iteration", "load_latest", "save_checkpoint"]
+__all__ = ["latest_iteration", "latest_state", "load_latest", "save_checkpoint"]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -56,10 +56,11 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
 
 
 def save_checkpoint(
-    root: Path, iteration: int, weights: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
+    root: Path, iteration: int, weights: dict[str, torch.Tensor], opt: torch.optim.Optimizer | None,
     extra: dict[str, Any], keep: int,
 ) -> Path:
-    """Write checkpoint ``iteration`` and prune to the newest ``keep``."""
+    """Write checkpoint ``iteration`` and prune to the newest ``keep`` (``opt=None``: the
+    optimizer state lives elsewhere, e.g. in the FSDP shards ``extra["dcp"]`` names)."""
     root.mkdir(parents=True, exist_ok=True)
     name = f"iter_{iteration:06d}"
     final, tmp = root / name, root / f".{name}.tmp"
@@ -69,9 +70,11 @@ def save_checkpoint(
         shutil.rmtree(tmp)
         raise ValueError(f"refusing to checkpoint non-finite weights at iteration {iteration}")
     save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
-    opt_tensors, opt_meta = _optimizer_tensors(opt)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"iteration": iteration, "optimizer": opt_meta, **extra}, indent=1))
+    meta = {}
+    if opt is not None:
+        opt_tensors, meta["optimizer"] = _optimizer_tensors(opt)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"iteration": iteration, **meta, **extra}, indent=1))
     for f in tmp.iterdir():
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())
@@ -82,9 +85,13 @@ def save_checkpoint(
     index_tmp.write_text(json.dumps({"iteration": iteration, "path": name}))
     os.replace(index_tmp, root / "latest.json")
     _fsync_dir(root)
-    done = sorted(p for p in root.glob("iter_*") if p.is_dir())
+    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and p.suffix != ".dcp")
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    kept = {p.name for p in done[-keep:]}
+    for shards in root.glob("iter_*.dcp"):  # FSDP shards of checkpoints no longer kept
+        if shards.stem not in kept and shards.stem < name:
+            shutil.rmtree(shards, ignore_errors=True)
     return final
 
 
@@ -93,6 +100,17 @@ def latest_iteration(root: Path) -> int | None:
     if not index.is_file():
         return None
     return int(json.loads(index.read_text())["iteration"])
+
+
+def latest_state(root: Path) -> dict[str, Any]:
+    """``state.json`` of the checkpoint ``latest.json`` points at (``{}`` when there is none)."""
+    index = root / "latest.json"
+    if not index.is_file():
+        return {}
+    try:
+        return json.loads((root / json.loads(index.read_text())["path"] / "state.json").read_text())
+    except (OSError, KeyError, ValueError) as err:
+        raise ValueError(f"checkpoint in {root} is unreadable ({err}); delete it or start a new run directory") from err
 
 
 def load_latest(root: Path, opt: torch.optim.Optimizer) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:

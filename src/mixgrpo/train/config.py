@@ -197,6 +197,7 @@ class TrainConfig:
     # name -> weight, or name -> {weight: w, <constructor options>} (e.g. {hps: {weight: 1, path: ...}})
     rewards: dict[str, float | dict[str, Any]] = field(default_factory=lambda: {"composition": 1.0})
     rewards_in_background: bool = False  # score a chunk's images in a thread while the next chunk samples
+    parallel: str = "ddp"  # under torchrun: ddp (replicated weights) | fsdp (FSDP2-sharded, DCP checkpoints)
     eval_every: int = 20  # held-out evaluation interval (iterations), also at start and end
     eval_prompts: int = 64  # held-out prompts per evaluation
     checkpoint_every: int = 10  # iterations between checkpoints
@@ -221,6 +222,8 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         for section in (self.sampler, self.schedule, self.loss, self.optim, self.model):
             section.validate()
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
         if self.rewards_in_background and self.sampler.groups_per_call is None:
             raise ValueError("rewards_in_background overlaps scoring with sampling of the next chunk: set "
                              "sampler.groups_per_call (and sampler.noise_per_group: true)")

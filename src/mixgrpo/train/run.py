@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from ..viz import save_curve, save_image_grid
-from .checkpointing import latest_iteration, load_latest, save_checkpoint
+from .checkpointing import latest_iteration, latest_state, load_latest, save_checkpoint
 from .config import TrainConfig, config_from_dict, config_to_dict
 from .distributed import (
     barrier,
@@ -34,6 +34,7 @@ from .distributed import (
     elastic_restart_count,
     sum_over_ranks,
 )
+from .fsdp import load_sharded, save_sharded
 from .trainer import GRPOTrainer
 
 __all__ = ["TrainingInterrupted", "check_run_dir", "prepare_run_dir", "train"]
@@ -137,8 +138,13 @@ def train(
     metrics_path, eval_path = out / "metrics.jsonl", out / "eval.jsonl"
     start_iteration, elapsed_before = 0, 0.0
     if resume:
-        last, weights, state = load_latest(out / "checkpoints", trainer.optimizer)
-        trainer.load_trainable_state(weights)
+        state = latest_state(out / "checkpoints")
+        if "dcp" in state:  # FSDP shards: any world size can read them
+            load_sharded(out / "checkpoints" / state["dcp"], trainer.model, trainer.optimizer, trainer.ema_by_name())
+            last = state["iteration"]
+        else:
+            last, weights, state = load_latest(out / "checkpoints", trainer.optimizer)
+            trainer.load_trainable_state(weights)
         start_iteration, elapsed_before = last + 1, state.get("wall_time_s", 0.0)
         if d.is_main:
             _truncate_jsonl(metrics_path, last)  # rows are iteration indices
@@ -146,9 +152,14 @@ def train(
     tb = _tensorboard(out / "tb") if d.is_main else None
     started = time.perf_counter()
 
-    def evaluate(completed: int) -> dict[str, Any]:
-        """Held-out evaluation after ``completed`` iterations (0 = the starting model)."""
+    def evaluate(completed: int) -> None:
+        """Held-out evaluation after ``completed`` iterations (0 = the starting model): rank 0
+        only, except with FSDP, where every forward needs every rank."""
+        if not (d.is_main or trainer.sharded):
+            return
         row, images = trainer.evaluate()
+        if not d.is_main:
+            return
         row = {"iteration": completed, **row}
         trainer.write_metrics(eval_path, row)
         save_image_grid(out / "samples" / f"after_{completed:05d}.png", images[:16], trainer.eval_prompts[:16])
@@ -156,15 +167,25 @@ def train(
             for k, v in row.items():
                 if k.startswith("reward"):
                     tb.add_scalar(f"eval/{k}", v, completed)
-        return row
 
     def checkpoint(iteration: int) -> None:
-        save_checkpoint(out / "checkpoints", iteration, trainer.trainable_state(), trainer.optimizer,
-                        {"wall_time_s": elapsed_before + time.perf_counter() - started}, cfg.keep_checkpoints)
+        """Rank 0 writes the checkpoint; with FSDP every rank first writes its shards."""
+        extra = {"wall_time_s": elapsed_before + time.perf_counter() - started}
+        if trainer.sharded:
+            shards = f"iter_{iteration:06d}.dcp"
+            save_sharded(out / "checkpoints" / shards, trainer.model, trainer.optimizer, trainer.ema_by_name())
+            weights = trainer.trainable_state()  # a collective too
+            if d.is_main:
+                save_checkpoint(out / "checkpoints", iteration, weights, None, {**extra, "dcp": shards},
+                                cfg.keep_checkpoints)
+            barrier(d)
+        elif d.is_main:
+            save_checkpoint(out / "checkpoints", iteration, trainer.trainable_state(), trainer.optimizer, extra,
+                            cfg.keep_checkpoints)
 
     try:
         with _stop_requests() as stop:
-            if start_iteration == 0 and d.is_main:
+            if start_iteration == 0:
                 evaluate(0)
             for iteration in range(start_iteration, cfg.iterations):
                 row = trainer.step(iteration)
@@ -176,12 +197,12 @@ def train(
                 if on_iteration is not None and d.is_main:
                     on_iteration(row)
                 last = iteration == cfg.iterations - 1
-                if ((iteration + 1) % cfg.eval_every == 0 or last) and d.is_main:
+                if (iteration + 1) % cfg.eval_every == 0 or last:
                     evaluate(iteration + 1)
                 # ranks agree on a stop request, so none waits in a collective for the others
                 if d.enabled and sum_over_ranks(float(stop["signum"] is not None), d) > 0 and stop["signum"] is None:
                     stop["signum"] = signal.SIGTERM
-                if ((iteration + 1) % cfg.checkpoint_every == 0 or last or stop["signum"] is not None) and d.is_main:
+                if (iteration + 1) % cfg.checkpoint_every == 0 or last or stop["signum"] is not None:
                     checkpoint(iteration)
                 if stop["signum"] is not None and not last:
                     name = signal.Signals(stop["signum"]).name

@@ -50,6 +50,7 @@ from .distributed import (
     check_distributed_config,
     sum_over_ranks,
 )
+from .fsdp import shard_model
 
 __all__ = ["GRPOTrainer", "NonFiniteError", "RolloutBatch"]
 
@@ -105,7 +106,16 @@ class GRPOTrainer:
         self.model.to(self.device)
         if cfg.model.lora_rank == 0 and cfg.loss.kl_beta > 0:
             self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.sharded = self.dist.enabled and cfg.parallel == "fsdp"
+        if self.sharded:  # after the copy: the reference is sharded on its own
+            bf16 = cfg.model.dtype == "bfloat16"
+            shard_model(self.backend.lora_module, self.dist.world_size, self.device, bf16)
+            if self.reference is not None:
+                ref_root = getattr(self.reference, "transformer", self.reference)
+                shard_model(ref_root, self.dist.world_size, self.device, bf16)
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        # names fixed now: FSDP swaps a module's parameter objects while it computes
+        self.param_names, self.params = [n for n, _ in trainable], [p for _, p in trainable]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.ema = [p.detach().clone() for p in self.params] if cfg.optim.ema else None
         self.train_prompts, self.eval_prompts = self.backend.train_prompts, self.backend.eval_prompts
@@ -266,6 +276,8 @@ class GRPOTrainer:
         self.model.train()
         chunks = valid.split(cfg.optim.micro_batch)
         weight_per_sample = 1.0 / (n_valid * len(batch.trained))
+        if self.sharded:  # FSDP's reduce-scatter averages over ranks; the loss wants their sum
+            weight_per_sample *= self.dist.world_size
         terms = 0
         for _ in range(cfg.optim.inner_epochs):
             self.optimizer.zero_grad(set_to_none=True)
@@ -291,9 +303,11 @@ class GRPOTrainer:
                     for key in ("clip_frac", "approx_kl", "ratio_mean"):
                         stats[key] += st[key].item()
                     terms += 1
-            all_reduce_gradients(self.params, self.dist)  # sum: each rank's loss is already / n_valid
+            if not self.sharded:
+                all_reduce_gradients(self.params, self.dist)  # sum: each rank's loss is already / n_valid
             stats["loss"] = epoch_loss + sum_over_ranks(stats["loss"] - epoch_loss, self.dist)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             if not (torch.isfinite(grad_norm) and math.isfinite(stats["loss"])):
                 # a NaN/Inf step would poison the weights: drop it, the caller counts it
                 self.optimizer.zero_grad(set_to_none=True)
@@ -384,15 +398,21 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ state
     def _param_names(self) -> list[str]:
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        return [names[id(p)] for p in self.params]
+        return self.param_names
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Trained parameters (and their EMA as ``ema.<name>``), for checkpoints."""
-        state = {n: p.detach().clone() for n, p in zip(self._param_names(), self.params, strict=True)}
+        """Trained parameters (and their EMA as ``ema.<name>``), for checkpoints; whole tensors
+        on the CPU (with FSDP a collective: every rank must call it)."""
+        def whole(t: torch.Tensor) -> torch.Tensor:
+            return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
+
+        state = {n: whole(p) for n, p in zip(self._param_names(), self.params, strict=True)}
         if self.ema is not None:
-            state.update({f"ema.{n}": e.clone() for n, e in zip(self._param_names(), self.ema, strict=True)})
+            state.update({f"ema.{n}": whole(e) for n, e in zip(self._param_names(), self.ema, strict=True)})
         return state
+
+    def ema_by_name(self) -> dict[str, torch.Tensor] | None:
+        return None if self.ema is None else dict(zip(self._param_names(), self.ema, strict=True))
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
