@@ -15,7 +15,6 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,6 @@ from ..core.grids import uniform_grid
 from ..core.grpo import Advantages, gaussian_kl, multi_reward_advantages, ppo_clip_loss
 from ..core.ovf import max_variance_subset
 from ..core.sampler import (
-    Rollout,
     SamplingPlan,
     concat_rollouts,
     flash_plan,
@@ -41,6 +39,7 @@ from ..models.lora import adapters_disabled, add_lora
 from ..models.tiny_dit import TextCondition
 from ..rewards import get_reward, score
 from .backends import make_backend
+from .batch import NonFiniteError, RolloutBatch, iteration_generator, nonfinite_samples
 from .branching import ConditionedVelocity, make_pruning
 from .config import TrainConfig
 from .distributed import (
@@ -53,29 +52,6 @@ from .distributed import (
 from .fsdp import shard_model
 
 __all__ = ["GRPOTrainer", "NonFiniteError", "RolloutBatch"]
-
-
-class NonFiniteError(ValueError):
-    """Too many consecutive iterations with NaN/Inf; the message says what and how to go on."""
-
-
-@dataclass
-class RolloutBatch:
-    """One iteration's samples: ``P * G`` images, group-contiguous."""
-
-    prompts: list[str]
-    cond: TextCondition
-    rollout: Rollout
-    images: torch.Tensor  # (N, 3, H, W) in [0, 1]
-    trained: list[int]  # positions in rollout.transitions that carry the loss
-    plan: SamplingPlan
-    group_size: int  # members per group in this batch (after any pruning)
-    rewards: dict[str, torch.Tensor] | None = None  # already scored (rewards_in_background)
-
-
-def _generator(seed: int, iteration: int, stream: int, *more: int) -> torch.Generator:
-    entropy = [seed, iteration, stream, *more]
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
 
 class GRPOTrainer:
@@ -177,10 +153,10 @@ class GRPOTrainer:
         mc = self.model.config
         shape = (mc.channels, mc.image_size, mc.image_size)
         if s.noise_per_group:  # group i's stream: (seed, iteration, 2, i), whichever rank samples it
-            gens = [_generator(cfg.seed, iteration, 2, i) for i in local]
+            gens = [iteration_generator(cfg.seed, iteration, 2, i) for i in local]
             x1 = torch.cat([initial_noise(1, g, shape, shared=s.shared_noise, generator=gen) for gen in gens])
         else:
-            gens = [_generator(cfg.seed, iteration, 2)]
+            gens = [iteration_generator(cfg.seed, iteration, 2)]
             x1 = initial_noise(p, g, shape, shared=s.shared_noise, generator=gens[0])
         x1 = x1.to(self.device)
         plan, trained = self.plan(iteration)
@@ -226,24 +202,7 @@ class GRPOTrainer:
         NaN/Inf scores come back as they are (see :meth:`nonfinite_samples`)."""
         return batch.rewards if batch.rewards is not None else self._score_images(batch.images, batch.prompts)
 
-    @staticmethod
-    def nonfinite_samples(batch: RolloutBatch, rewards: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[str]]:
-        """``(N,)`` mask of samples with a non-finite latent, log-prob or reward, and what was bad."""
-        out, reasons = batch.rollout, []
-        bad = ~torch.isfinite(out.x0).flatten(1).all(1).cpu()
-        if bad.any():
-            reasons.append(f"{int(bad.sum())} non-finite latent(s)")
-        if batch.trained:
-            lp_bad = ~torch.isfinite(out.transitions.log_prob[batch.trained]).all(0).cpu()
-            if (lp_bad & ~bad).any():
-                reasons.append(f"{int((lp_bad & ~bad).sum())} non-finite log-prob(s)")
-            bad |= lp_bad
-        for name, r in rewards.items():
-            r_bad = ~torch.isfinite(r)
-            if r_bad.any():
-                reasons.append(f"reward {name!r} non-finite for {int(r_bad.sum())} image(s)")
-            bad |= r_bad
-        return bad, reasons
+    nonfinite_samples = staticmethod(nonfinite_samples)
 
     def advantages(self, rewards: dict[str, torch.Tensor], group_size: int | None = None) -> Advantages:
         """Group advantages; with ``loss.ovf_keep = k`` only the k members of each group whose
