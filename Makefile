@@ -54,7 +54,7 @@ OFFICIAL_VENV ?= .venv-official
 # image-reward imports transformers APIs removed after 4.38 and needs `clip` + pkg_resources;
 # the hpsv2 wheel lacks its BPE file (open_clip ships the same one).
 OFFICIAL_PINS := "transformers==4.38.2" "huggingface_hub==0.24.7" "datasets==2.18.0" "diffusers==0.27.2" \
-	"peft==0.10.0" "accelerate==0.30.1" openai-clip "setuptools<70"
+	"peft==0.10.0" "accelerate==0.30.1" openai-clip "setuptools>=77,<81"
 $(OFFICIAL_VENV)/.created:
 	$(PYTHON) -m venv $(OFFICIAL_VENV)
 	$(OFFICIAL_VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
