@@ -103,8 +103,8 @@ def test_bad_images_raise(name):
 
 def test_registry_accepts_user_rewards_and_validates_their_output():
     assert {"composition", "flatness"} <= set(list_rewards())
-    with pytest.raises(ValueError, match=r"unknown reward 'hps'; registered rewards: .*composition"):
-        get_reward("hps")
+    with pytest.raises(ValueError, match=r"unknown reward 'no-such-reward'; registered rewards: .*composition"):
+        get_reward("no-such-reward")
 
     @register_reward("test-brightness")
     class Brightness:
