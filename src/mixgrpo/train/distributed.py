@@ -5,8 +5,9 @@ its rendezvous flags). Each rank samples ``prompts_per_iter / world_size`` whole
 group never straddles ranks; rewards (and the non-finite mask) are all-gathered, so every rank
 computes the same advantages over the whole batch (group statistics and the ``global`` std
 mode see everything) and keeps its own rows. Gradients are summed over ranks with one
-all-reduce per optimizer step, the loss being normalised by the *global* number of trained
-samples: the update equals the single-process one. With ``sampler.noise_per_group`` every
+all-reduce per optimizer step (DDP, on the step's last backward; FSDP2 reduce-scatters), the
+loss being normalised by the *global* number of trained samples: the update equals the
+single-process one. With ``sampler.noise_per_group`` every
 group's noise comes from (seed, iteration, group) whatever rank draws it, so a 2-process run
 reproduces the 1-process run.
 """
@@ -22,7 +23,7 @@ import torch.distributed as dist
 __all__ = [
     "Dist",
     "all_gather_rows",
-    "all_reduce_gradients",
+
     "barrier",
     "check_distributed_config",
     "dist_from_environment",
@@ -111,15 +112,3 @@ def sum_over_ranks(value: float, d: Dist) -> float:
     t = _wire(torch.tensor([value], dtype=torch.float64))
     dist.all_reduce(t)
     return t.item()
-
-
-def all_reduce_gradients(params: list[torch.nn.Parameter], d: Dist) -> None:
-    """Sum every parameter's gradient over ranks in one flat all-reduce (missing ones count as
-    zero: a rank whose samples all carried no signal still joins)."""
-    if not d.enabled:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    for p, g in zip(params, flat.split([g.numel() for g in grads]), strict=True):
-        p.grad = g.view_as(p).clone()

@@ -45,13 +45,23 @@ from .config import TrainConfig
 from .distributed import (
     Dist,
     all_gather_rows,
-    all_reduce_gradients,
     check_distributed_config,
     sum_over_ranks,
 )
 from .fsdp import shard_model
 
 __all__ = ["GRPOTrainer", "NonFiniteError", "RolloutBatch"]
+
+
+class PolicyVelocity(torch.nn.Module):
+    """``forward = model.velocity``: the module DDP wraps, so its hooks see the training passes."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition, guidance: float) -> torch.Tensor:
+        return self.model.velocity(x, t, cond, guidance)
 
 
 class GRPOTrainer:
@@ -92,6 +102,12 @@ class GRPOTrainer:
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         # names fixed now: FSDP swaps a module's parameter objects while it computes
         self.param_names, self.params = [n for n, _ in trainable], [p for _, p in trainable]
+        self.ddp = None  # data parallel with replicated weights: the training forward goes through DDP
+        if self.dist.enabled and not self.sharded:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(PolicyVelocity(self.model), find_unused_parameters=True,
+                                               device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.ema = [p.detach().clone() for p in self.params] if cfg.optim.ema else None
         self.train_prompts, self.eval_prompts = self.backend.train_prompts, self.backend.eval_prompts
@@ -115,6 +131,13 @@ class GRPOTrainer:
                 return self.reference.velocity(x, t, cond, self.cfg.sampler.guidance).float()
             with adapters_disabled(self.model):
                 return self.model.velocity(x, t, cond, self.cfg.sampler.guidance).float()
+
+    def train_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition) -> torch.Tensor:
+        """The policy's velocity for the loss: through DDP under torchrun (its gradient hooks)."""
+        if self.ddp is None:
+            return self.velocity(x, t, cond)
+        with self.autocast:
+            return self.ddp(x, t, cond, self.cfg.sampler.guidance).float()
 
     # ------------------------------------------------------------------ rollout
     def plan(self, iteration: int) -> tuple[SamplingPlan, tuple[int, ...]]:
@@ -235,18 +258,26 @@ class GRPOTrainer:
         self.model.train()
         chunks = valid.split(cfg.optim.micro_batch)
         weight_per_sample = 1.0 / (n_valid * len(batch.trained))
-        if self.sharded:  # FSDP's reduce-scatter averages over ranks; the loss wants their sum
-            weight_per_sample *= self.dist.world_size
+        # DDP and FSDP average gradients over ranks; this loss is a sum over all ranks' samples
+        grad_weight = weight_per_sample * self.dist.world_size
+        work = [(s, idx) for s in batch.trained for idx in chunks]
         terms = 0
         for _ in range(cfg.optim.inner_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             epoch_loss = stats["loss"]
-            for s in batch.trained:
+            if self.ddp is not None and not work:  # nothing here, but this rank must join the all-reduce
+                first = torch.zeros(1, dtype=torch.long, device=self.device)
+                s0 = batch.trained[0]
+                t0 = torch.full((1,), tr.t[s0].item(), device=self.device)
+                (self.train_velocity(tr.x[s0][first], t0, batch.cond.index(first)) * 0).sum().backward()
+            for n, (s, idx) in enumerate(work):
                 t, t_next = tr.t[s].item(), tr.t_next[s].item()
-                for idx in chunks:
+                # gradients are all-reduced once per optimizer step, on the last backward
+                sync = self.ddp.no_sync() if self.ddp is not None and n < len(work) - 1 else nullcontext()
+                with sync:
                     cond = batch.cond.index(idx)
                     t_vec = torch.full((idx.numel(),), t, device=self.device)
-                    v = self.velocity(tr.x[s][idx], t_vec, cond)
+                    v = self.train_velocity(tr.x[s][idx], t_vec, cond)
                     mean, std = sde_moments(tr.x[s][idx], v, t, t_next, self.noise)
                     log_prob = gaussian_log_prob(tr.x_next[s][idx], mean, std, cfg.loss.reduction)
                     loss, st = ppo_clip_loss(log_prob, tr.log_prob[s][idx], advantages[idx], cfg.loss.clip_range)
@@ -257,13 +288,11 @@ class GRPOTrainer:
                         kl = gaussian_kl(mean, mean_ref, std, cfg.loss.reduction).mean()
                         loss = loss + cfg.loss.kl_beta * kl
                         stats["kl"] += kl.item()
-                    (loss * idx.numel() * weight_per_sample).backward()
+                    (loss * idx.numel() * grad_weight).backward()
                     stats["loss"] += loss.item() * idx.numel() * weight_per_sample
                     for key in ("clip_frac", "approx_kl", "ratio_mean"):
                         stats[key] += st[key].item()
                     terms += 1
-            if not self.sharded:
-                all_reduce_gradients(self.params, self.dist)  # sum: each rank's loss is already / n_valid
             stats["loss"] = epoch_loss + sum_over_ranks(stats["loss"] - epoch_loss, self.dist)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
