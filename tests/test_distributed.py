@@ -130,3 +130,23 @@ def test_fsdp_trains_checkpoints_and_resumes_also_on_one_process(config_file, tm
         rows = [yaml.safe_load(x)["iteration"] for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert rows == [0, 1, 2, 3]
         assert (run / "checkpoints" / "iter_000003" / "weights.safetensors").is_file()
+
+
+def test_a_rank_whose_groups_teach_nothing_still_joins_the_update(config_file, tmp_path):
+    """Rank 1's reward is constant, so its groups have zero advantage and no loss term; it
+    must still join DDP's gradient all-reduce (a zero-loss backward) instead of hanging."""
+    (tmp_path / "rank_reward.py").write_text(
+        "import torch, torch.distributed as dist\n\nclass RankZeroOnly:\n    name = 'rank-zero-only'\n\n"
+        "    def __call__(self, images, prompts):\n"
+        "        score = images.mean((1, 2, 3))\n"
+        "        return score if dist.get_rank() == 0 else torch.zeros_like(score)\n")
+    info = tmp_path / "rank_reward-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: rank-reward\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[mixgrpo.rewards]\nrank-zero-only = rank_reward:RankZeroOnly\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    result = _torchrun(2, tmp_path / "run", config_file, "--set", "rewards={rank-zero-only: 1.0}", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    start = _weights_at_start(config_file)
+    after = _weights(tmp_path / "run")
+    assert any(not torch.equal(after[k], start[k]) for k in after)  # rank 0's groups did train

@@ -256,7 +256,7 @@ class GRPOTrainer:
         if n_valid == 0 or not batch.trained:
             return stats
         self.model.train()
-        chunks = valid.split(cfg.optim.micro_batch)
+        chunks = [c for c in valid.split(cfg.optim.micro_batch) if c.numel()]  # none on a rank without signal
         weight_per_sample = 1.0 / (n_valid * len(batch.trained))
         # DDP and FSDP average gradients over ranks; this loss is a sum over all ranks' samples
         grad_weight = weight_per_sample * self.dist.world_size
