@@ -45,6 +45,8 @@ CASES = [
     ("bench --out OUT --ablate window --presets mixgrpo", "drop --presets"),
     ("bench --out OUT --presets mixgrpo,dance", "unknown preset 'dance'"),
     ("bench --out OUT --seeds 0", "--seeds, --iterations and evaluations must be >= 1"),
+    ("bench --out OUT --presets 'mixgrpo[loss.ovf_keep=4'", "a '[' is never closed"),
+    ("bench --out OUT --presets 'mixgrpo[loss.ovf_keep=9]'", "loss.ovf_keep must be in"),
     ("preprocess --model emptydir --prompts p.txt --out OUT", "not a diffusers pipeline folder"),
     ("preprocess --model emptydir --prompts empty.txt --out OUT", "holds no prompts"),
     ("pretrain --out OUT --steps 0", "must be >= 1"),

@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from mixgrpo.bench.arms import ablation_arms, compression_for_steps
+from mixgrpo.bench.arms import ablation_arms, compression_for_steps, preset_arms, split_presets
 from mixgrpo.bench.report import mean_ci, summarise
 from mixgrpo.bench.runner import ArmResult, eval_points
 from mixgrpo.cli import app
@@ -91,6 +91,24 @@ def test_ovf_ablation_compares_subsets_with_the_full_group():
     assert all(a.config.sampler == arms[0].config.sampler and a.config.schedule == arms[0].config.schedule for a in arms)
     with pytest.raises(ValueError, match="needs group_size >= 5"):
         ablation_arms("ovf", ["group_size=4"])
+
+
+def test_preset_variants_carry_their_own_overrides():
+    specs = split_presets("dance-grpo, mixgrpo-flash-star[loss.ovf_keep=4;schedule.size=2],mixgrpo")
+    assert specs == ["dance-grpo", "mixgrpo-flash-star[loss.ovf_keep=4;schedule.size=2]", "mixgrpo"]
+    arms = preset_arms(specs, ["group_size=6"])
+    assert [a.label for a in arms] == specs
+    variant = arms[1].config
+    assert (variant.loss.ovf_keep, variant.schedule.size, variant.group_size) == (4, 2, 6)
+    assert arms[0].config.group_size == 6 and arms[2].config.loss.ovf_keep is None
+    for text, match in [("mixgrpo[loss.ovf_keep=4", "never closed"), ("mixgrpo]", "unbalanced"),
+                        ("mixgrpo[[a=1]]", "nested")]:
+        with pytest.raises(ValueError, match=match):
+            split_presets(text)
+    with pytest.raises(ValueError, match="nothing after"):
+        preset_arms(["mixgrpo[loss.ovf_keep=4]x"], [])
+    with pytest.raises(ValueError, match="twice"):
+        preset_arms(["mixgrpo", "mixgrpo"], [])
 
 
 def test_bench_quick_writes_every_file_and_key(tiny_overrides, tmp_path):

@@ -260,7 +260,7 @@ def export(
 @app.command()
 def bench(
     out: Annotated[Path, typer.Option(help="New folder for bench.json, bench.md and the plots.")],
-    presets: Annotated[str | None, typer.Option(help="Comma-separated presets (default: dance-grpo, mixgrpo, mixgrpo-flash, mixgrpo-flash-star).")] = None,
+    presets: Annotated[str | None, typer.Option(help="Comma-separated presets (default: dance-grpo, mixgrpo, mixgrpo-flash, mixgrpo-flash-star); preset[key=value;...] adds a variant with its own overrides.")] = None,
     seeds: Annotated[int | None, typer.Option(help="Seeds per preset (default 3; --quick 1).")] = None,
     iterations: Annotated[int | None, typer.Option(help="Iterations per run (default 60; --quick 8).")] = None,
     quick: Annotated[bool, typer.Option(help="Small groups and evaluation, 8 iterations: a few minutes here.")] = False,
@@ -273,9 +273,10 @@ def bench(
 ) -> None:
     """Run methods (or MixGRPO ablations) side by side: cost, reward, time to DanceGRPO's reward."""
     from .bench import FluxShape, plan_bench, run_bench
+    from .bench.arms import split_presets
 
-    names = [p.strip() for p in presets.split(",") if p.strip()] if presets else None
     try:
+        names = split_presets(presets) if presets else None
         shape = None
         if flux_shaped:
             blocks = flux_blocks.split(",")

@@ -9,7 +9,7 @@ from ..train.config import TrainConfig, apply_overrides
 from ..train.presets import make_preset
 from .runner import Arm
 
-__all__ = ["ABLATIONS", "DEFAULT_PRESETS", "QUICK", "ablation_arms", "compression_for_steps", "ovf_arms", "preset_arms"]
+__all__ = ["ABLATIONS", "DEFAULT_PRESETS", "QUICK", "ablation_arms", "compression_for_steps", "ovf_arms", "preset_arms", "split_presets"]
 
 DEFAULT_PRESETS = ["dance-grpo", "mixgrpo", "mixgrpo-flash", "mixgrpo-flash-star"]
 ABLATIONS = ("window", "flash-steps", "ovf")
@@ -24,8 +24,37 @@ def _config(preset: str, overrides: list[str]) -> TrainConfig:
     return apply_overrides(make_preset(preset), overrides)
 
 
-def preset_arms(presets: list[str], overrides: list[str]) -> list[Arm]:
-    return [Arm(name, _config(name, overrides)) for name in presets]
+def split_presets(text: str) -> list[str]:
+    """``--presets`` text -> arm specs: commas separate arms, except inside ``[...]``."""
+    specs, depth, current = [], 0, ""
+    for ch in text:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth < 0 or depth > 1:
+            raise ValueError(f"--presets {text!r}: unbalanced or nested brackets; write preset[key=value;key=value]")
+        if ch == "," and depth == 0:
+            specs.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    if depth:
+        raise ValueError(f"--presets {text!r}: a '[' is never closed; write preset[key=value;key=value]")
+    return [s for s in [*specs, current.strip()] if s]
+
+
+def preset_arms(specs: list[str], overrides: list[str]) -> list[Arm]:
+    """One arm per spec: a preset name, or ``preset[key=value;...]`` for a variant with its own
+    overrides on top of the shared ``--set`` ones (labelled by the whole spec)."""
+    arms = []
+    for spec in specs:
+        name, _, extra = spec.partition("[")
+        if extra and not extra.endswith("]"):
+            raise ValueError(f"arm {spec!r}: write preset[key=value;key=value] with nothing after the ']'")
+        own = [o.strip() for o in extra[:-1].split(";") if o.strip()] if extra else []
+        arms.append(Arm(spec, _config(name.strip(), [*overrides, *own])))
+    labels = [a.label for a in arms]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--presets names an arm twice: {', '.join(sorted({x for x in labels if labels.count(x) > 1}))}")
+    return arms
 
 
 def compression_for_steps(total: int, num_steps: int, window: tuple[int, ...], shift: float) -> float:
