@@ -272,8 +272,7 @@ def bench(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a value in every arm (repeatable).")] = None,
 ) -> None:
     """Run methods (or MixGRPO ablations) side by side: cost, reward, time to DanceGRPO's reward."""
-    from .bench import FluxShape, plan_bench, run_bench
-    from .bench.arms import split_presets
+    from .bench import FluxShape, plan_bench, run_bench, split_presets
 
     try:
         names = split_presets(presets) if presets else None

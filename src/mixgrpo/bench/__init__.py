@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .arms import ABLATIONS, DEFAULT_PRESETS, QUICK, ablation_arms, preset_arms
+from .arms import ABLATIONS, DEFAULT_PRESETS, QUICK, ablation_arms, preset_arms, split_presets
 from .report import write_report
 from .runner import Arm, ArmResult, run_arms
 from .synthetic import FluxShape, flux_shaped_overrides, make_flux_shaped
 
 __all__ = ["ABLATIONS", "DEFAULT_PRESETS", "Arm", "ArmResult", "BenchPlan", "FluxShape", "plan_bench", "run_arms",
-           "run_bench"]
+           "run_bench", "split_presets"]
 
 
 @dataclass
