@@ -29,9 +29,10 @@ from ..models.checkpoint import (
     BASE_CHECKPOINT,
     CONFIG,
     WEIGHTS,
-    load_tiny_dit,
+    EmbeddedModel,
+    load_embedded,
     read_config,
-    save_tiny_dit,
+    save_embedded,
 )
 from ..models.lora import (
     ADAPTER_CONFIG,
@@ -42,7 +43,7 @@ from ..models.lora import (
     merged_state_dict,
     save_peft_adapter,
 )
-from ..models.tiny_dit import TextCondition, TinyDiT
+from ..models.tiny_dit import TextCondition
 
 __all__ = ["Policy", "export_run", "load_policy"]
 
@@ -50,7 +51,7 @@ __all__ = ["Policy", "export_run", "load_policy"]
 class _AdapterOff:
     """The base model of a LoRA policy: the same network, adapter switched off."""
 
-    def __init__(self, model: TinyDiT):
+    def __init__(self, model: EmbeddedModel):
         self.model, self.config = model, model.config
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition, guidance: float = 1.0) -> torch.Tensor:
@@ -63,8 +64,8 @@ class Policy:
     """A model ready for inference, with the base model to blend with."""
 
     name: str
-    model: TinyDiT
-    base: TinyDiT | _AdapterOff
+    model: EmbeddedModel
+    base: EmbeddedModel | _AdapterOff
     source: str  # where the weights came from, for reports
 
     @property
@@ -126,11 +127,11 @@ def _load_run(folder: Path, name: str, ema: bool) -> Policy:
     from ..train.config import config_from_dict
 
     cfg = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text())).validate()
-    if cfg.model.kind != "tiny-dit":
+    if cfg.model.kind != "embedded":
         raise ValueError(f"{folder} is a model.kind={cfg.model.kind} run; sample/eval read embedded-model runs only "
                          "so far: `mixgrpo export` it and load the result with diffusers")
     ckpt, state = latest_run_weights(folder)
-    base = load_tiny_dit(_resolve_base(cfg.model.checkpoint))
+    base = load_embedded(_resolve_base(cfg.model.checkpoint))
     model = copy.deepcopy(base)
     if cfg.model.lora_rank > 0:
         add_lora(model, cfg.model.lora_rank, cfg.model.lora_alpha)
@@ -149,7 +150,7 @@ def _load_adapter(folder: Path, name: str) -> Policy:
         rank, alpha, base_spec = int(config["r"]), float(config["lora_alpha"]), config.get("base_model_name_or_path")
     except (ValueError, KeyError) as err:
         raise ValueError(f"{folder / ADAPTER_CONFIG} is not a LoRA adapter config ({err})") from err
-    model = add_lora(load_tiny_dit(_resolve_base(base_spec)), rank, alpha)
+    model = add_lora(load_embedded(_resolve_base(base_spec)), rank, alpha)
     state = _load_safetensors(folder / ADAPTER_WEIGHTS)
     # peft format: base_model.model.<module>.lora_A.weight -> our in-place names
     state = {k.removeprefix("base_model.model.").replace(".lora_A.weight", ".lora_A.default.weight")
@@ -162,7 +163,7 @@ def load_policy(spec: str | Path, *, ema: bool = True) -> Policy:
     """Load ``base``, a model folder, a peft adapter folder or a run folder (see module doc)."""
     name = str(spec)
     if name == "base":
-        model = load_tiny_dit(BASE_CHECKPOINT)
+        model = load_embedded(BASE_CHECKPOINT)
         return Policy("base", model, model, str(BASE_CHECKPOINT))
     folder = Path(spec)
     if not folder.is_dir():
@@ -172,9 +173,9 @@ def load_policy(spec: str | Path, *, ema: bool = True) -> Policy:
     if (folder / ADAPTER_CONFIG).is_file():
         return _load_adapter(folder, name)
     if (folder / CONFIG).is_file():
-        model = load_tiny_dit(folder)
+        model = load_embedded(folder)
         base_spec = read_config(folder).get("base_checkpoint")
-        base = load_tiny_dit(_resolve_base(base_spec)) if base_spec else model
+        base = load_embedded(_resolve_base(base_spec)) if base_spec else model
         return Policy(name, model, base, str(folder / WEIGHTS))
     raise FileNotFoundError(
         f"{folder} holds no weights: expected config.json + {WEIGHTS}, {ADAPTER_CONFIG}, or a run's config.yaml"
@@ -198,7 +199,7 @@ def export_run(run: str | Path, out: str | Path, *, lora: str = "merged", ema: b
     import yaml
 
     model_cfg = yaml.safe_load((run / "config.yaml").read_text())["model"]
-    if model_cfg.get("kind", "tiny-dit") != "tiny-dit":
+    if model_cfg.get("kind", "embedded") not in ("embedded", "tiny-dit"):
         from .diffusers_export import export_diffusers_run
 
         return export_diffusers_run(run, out, lora=lora, ema=ema)
@@ -208,7 +209,7 @@ def export_run(run: str | Path, out: str | Path, *, lora: str = "merged", ema: b
         return save_peft_adapter(policy.model, out, rank=model_cfg["lora_rank"], alpha=model_cfg["lora_alpha"], base=base_spec)
     model = policy.model
     if has_lora(model):
-        merged = TinyDiT(model.config)
+        merged = type(model)(model.config)  # LoRA is injected in place: the class is the base's
         merged.load_state_dict(merged_state_dict(model))
         model = merged
-    return save_tiny_dit(model, out, extra={"base_checkpoint": base_spec, "exported_from": policy.source})
+    return save_embedded(model, out, extra={"base_checkpoint": base_spec, "exported_from": policy.source})

@@ -14,9 +14,20 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .tiny_dit import TinyDiT, TinyDiTConfig
+from torch import nn
 
-__all__ = ["BASE_CHECKPOINT", "CONFIG", "WEIGHTS", "load_tiny_dit", "read_config", "save_tiny_dit"]
+from .tiny_dit import TinyDiT, TinyDiTConfig
+from .tiny_unet import TinyUNet, TinyUNetConfig
+
+__all__ = ["ARCHITECTURES", "BASE_CHECKPOINT", "CONFIG", "WEIGHTS", "EmbeddedModel", "build_embedded", "load_embedded",
+           "read_config", "save_embedded"]
+
+EmbeddedModel = TinyDiT | TinyUNet
+# config.json's model_type -> (config class, model class); the shipped base is a tiny-unet.
+ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
+    "tiny-dit": (TinyDiTConfig, TinyDiT),
+    "tiny-unet": (TinyUNetConfig, TinyUNet),
+}
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -31,7 +42,22 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_tiny_dit(model: TinyDiT, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+def _model_type(model: nn.Module) -> str:
+    for name, (_, cls) in ARCHITECTURES.items():
+        if isinstance(model, cls):
+            return name
+    raise TypeError(f"{type(model).__name__} is not an embedded model; use one of {', '.join(ARCHITECTURES)}")
+
+
+def build_embedded(model_type: str, config: dict[str, Any]) -> EmbeddedModel:
+    """A freshly initialised embedded model of ``model_type`` from its config dict."""
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"unknown embedded model_type {model_type!r}; known: {', '.join(ARCHITECTURES)}")
+    config_cls, model_cls = ARCHITECTURES[model_type]
+    return model_cls(config_cls(**config))
+
+
+def save_embedded(model: EmbeddedModel, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write ``out_dir/model.safetensors`` and ``out_dir/config.json`` (atomically each)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -39,7 +65,7 @@ def save_tiny_dit(model: TinyDiT, out_dir: str | Path, extra: dict[str, Any] | N
     if not all(torch.isfinite(v).all() for v in state.values()):
         raise ValueError("refusing to save non-finite weights")
     _atomic_write(out / WEIGHTS, lambda p: save_file(state, str(p)))
-    config = {"model_type": "tiny-dit", "model": model.config.to_dict(), **(extra or {})}
+    config = {"model_type": _model_type(model), "model": model.config.to_dict(), **(extra or {})}
     _atomic_write(out / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return out
 
@@ -54,14 +80,15 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"checkpoint config {cfg_path} is not valid JSON ({err}); the file is corrupt") from err
 
 
-def load_tiny_dit(path: str | Path | None = None, device: str | torch.device = "cpu") -> TinyDiT:
-    """Load a tiny-DiT checkpoint folder; ``None`` loads the shipped base checkpoint."""
+def load_embedded(path: str | Path | None = None, device: str | torch.device = "cpu") -> EmbeddedModel:
+    """Load an embedded-model checkpoint folder; ``None`` loads the shipped base checkpoint."""
     folder = Path(path) if path is not None else BASE_CHECKPOINT
     config = read_config(folder)
-    if config.get("model_type") != "tiny-dit":
-        raise ValueError(f"{folder / CONFIG} describes model_type {config.get('model_type')!r}, not 'tiny-dit'")
+    if config.get("model_type") not in ARCHITECTURES:
+        raise ValueError(f"{folder / CONFIG} describes model_type {config.get('model_type')!r}, not an embedded "
+                         f"model ({', '.join(ARCHITECTURES)}); pass a folder written by `mixgrpo pretrain`")
     try:
-        model = TinyDiT(TinyDiTConfig(**config["model"]))
+        model = build_embedded(config["model_type"], config["model"])
     except (KeyError, TypeError) as err:
         raise ValueError(f"{folder / CONFIG} has an invalid 'model' section: {err}") from err
     weights = folder / WEIGHTS

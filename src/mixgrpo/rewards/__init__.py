@@ -10,6 +10,7 @@ from .base import (
     validate_reward_output,
 )
 from .composition import CompositionReward
+from .composition_v1 import CompositionV1Reward
 from .flatness import FlatnessReward
 from .imagereward import ImageRewardReward
 from .official import OfficialHPS, OfficialImageReward
@@ -18,6 +19,7 @@ from .preference import CLIPScoreReward, HPSv21Reward, PickScoreReward
 __all__ = [
     "CLIPScoreReward",
     "CompositionReward",
+    "CompositionV1Reward",
     "FlatnessReward",
     "HPSv21Reward",
     "ImageRewardReward",

@@ -1,7 +1,7 @@
 """What the trainer trains: a model with ``velocity(x, t, cond)``, its prompts, how prompts
 become conditions and how final samples become images. Every preset runs unchanged on each.
 
-* ``tiny-dit``: the embedded model on the procedural world (prompts from the grammar's
+* ``embedded``: the embedded model on the procedural world (prompts from the grammar's
   train / held-out split, MiniLM embeddings, pixel space);
 * ``flux`` / ``sd3``: a diffusers transformer from a local pipeline folder, conditions from
   `mixgrpo preprocess` shards (the text encoders are never loaded during RL), images from the
@@ -67,12 +67,12 @@ def scheduler_shift(pipeline_dir: Path, latent_size: int) -> float:
 
 
 def _embedded(cfg: TrainConfig, model: nn.Module | None) -> Backend:
-    from ..models.checkpoint import load_tiny_dit
+    from ..models.checkpoint import load_embedded
     from ..text import cached_embeddings
     from ..world.bench import heldout_eval_prompts
     from ..world.grammar import split_prompts
 
-    model = model if model is not None else load_tiny_dit(cfg.model.checkpoint)
+    model = model if model is not None else load_embedded(cfg.model.checkpoint)
     train, heldout = split_prompts()
     embeddings = cached_embeddings(train + heldout)
     return Backend(model, train, heldout_eval_prompts(min(cfg.eval_prompts, len(heldout))),
@@ -171,10 +171,10 @@ def _diffusers(cfg: TrainConfig) -> Backend:
 
 def make_backend(cfg: TrainConfig, model: nn.Module | None = None) -> Backend:
     """The backend ``cfg.model.kind`` names (``model`` overrides the embedded checkpoint, for tests)."""
-    if cfg.model.kind == "tiny-dit":
+    if cfg.model.kind == "embedded":
         backend = _embedded(cfg, model)
     elif model is not None:
-        raise ValueError("a model object can only replace the embedded tiny-dit checkpoint")
+        raise ValueError("a model object can only replace the embedded model checkpoint")
     else:
         backend = _diffusers(cfg)
     device = torch.device(cfg.model.device)

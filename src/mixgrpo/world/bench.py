@@ -66,10 +66,10 @@ def evaluate_checkpoint(
     """Sample one image per prompt with a 25-step Euler ODE and score it."""
     # Model imports stay local so the reward benchmark runs without them.
     from ..inference.generate import generate_prompts
-    from ..models.checkpoint import load_tiny_dit
+    from ..models.checkpoint import load_embedded
     from ..text import cached_embeddings
 
-    model = load_tiny_dit(checkpoint)
+    model = load_embedded(checkpoint)
     embeddings = cached_embeddings(prompts)
     reward = get_reward("composition")
     start = time.perf_counter()

@@ -1,4 +1,5 @@
-"""The embedded tiny DiT, its checkpoints and the text encoder cache."""
+"""The embedded models (tiny U-Net, the shipped base; tiny DiT, the first round's), their
+checkpoints and the text encoder cache."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import json
 import pytest
 import torch
 
-from mixgrpo.models.checkpoint import load_tiny_dit, save_tiny_dit
-from mixgrpo.models.tiny_dit import TextCondition, TinyDiT, TinyDiTConfig
+from mixgrpo.models.checkpoint import load_embedded, save_embedded
+from mixgrpo.models.checkpoint import BASE_CHECKPOINT, build_embedded
+from mixgrpo.models.tiny_dit import TextCondition, TinyDiTConfig
+from mixgrpo.models.tiny_unet import TinyUNet, TinyUNetConfig
 
-SMALL = TinyDiTConfig(image_size=16, patch=4, width=32, depth=2, heads=2)
+SMALL = {"tiny-dit": {"image_size": 16, "patch": 4, "width": 32, "depth": 2, "heads": 2},
+         "tiny-unet": {"image_size": 16, "widths": [16, 32], "heads": 2}}
+KINDS = pytest.mark.parametrize("kind", list(SMALL))
 
 
 def _cond(batch: int, seed: int = 0, visible: int = 5) -> TextCondition:
@@ -20,25 +25,33 @@ def _cond(batch: int, seed: int = 0, visible: int = 5) -> TextCondition:
     return TextCondition(torch.randn(batch, 16, 384, generator=gen), mask, torch.randn(batch, 384, generator=gen))
 
 
-def _randomized(config: TinyDiTConfig = SMALL, seed: int = 0) -> TinyDiT:
+def _randomized(kind: str = "tiny-unet", seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = TinyDiT(config)
+    model = build_embedded(kind, SMALL[kind])
     with torch.no_grad():  # leave the zero-init so outputs depend on every input
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model.eval()
 
 
-def test_default_model_is_small_and_starts_at_zero_velocity():
-    model = TinyDiT()
-    assert model.num_parameters() < 3_000_000
+@KINDS
+def test_default_model_is_small_and_starts_at_zero_velocity(kind):
+    model = build_embedded(kind, {})
+    assert model.num_parameters() * 4 < 20e6  # fp32 safetensors under 20 MB
     x = torch.randn(2, 3, 32, 32)
     v = model(x, torch.rand(2), _cond(2))
-    assert v.shape == x.shape and torch.count_nonzero(v) == 0  # adaLN-Zero output layer
+    assert v.shape == x.shape and torch.count_nonzero(v) == 0  # zero-initialised output layer
 
 
-def test_padded_text_tokens_are_ignored_and_visible_ones_matter():
-    model = _randomized()
+def test_the_shipped_base_is_the_unet_and_under_20_mb():
+    assert json.loads((BASE_CHECKPOINT / "config.json").read_text())["model_type"] == "tiny-unet"
+    assert (BASE_CHECKPOINT / "model.safetensors").stat().st_size < 20e6
+    assert isinstance(load_embedded(), TinyUNet)
+
+
+@KINDS
+def test_padded_text_tokens_are_ignored_and_visible_ones_matter(kind):
+    model = _randomized(kind)
     x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
     cond = _cond(2)
     base = model(x, t, cond)
@@ -50,53 +63,57 @@ def test_padded_text_tokens_are_ignored_and_visible_ones_matter():
     assert not torch.allclose(model(x, t, TextCondition(visible, cond.mask, cond.pooled)), base)
 
 
-def test_guidance_combines_conditional_and_null_branches():
-    model = _randomized()
+@KINDS
+def test_guidance_combines_conditional_and_null_branches(kind):
+    model = _randomized(kind)
     x, t, cond = torch.randn(3, 3, 16, 16), torch.rand(3), _cond(3)
     torch.testing.assert_close(model.velocity(x, t, cond, 1.0), model(x, t, cond))
     v_cond, v_null = model(x, t, cond), model(x, t, model.null_condition(3))
     torch.testing.assert_close(model.velocity(x, t, cond, 4.0), v_null + 4.0 * (v_cond - v_null), rtol=1e-4, atol=1e-5)
 
 
-def test_checkpoint_roundtrip(tmp_path):
-    model = _randomized()
-    save_tiny_dit(model, tmp_path / "ckpt", {"note": "test"})
-    loaded = load_tiny_dit(tmp_path / "ckpt")
+@KINDS
+def test_checkpoint_roundtrip(kind, tmp_path):
+    model = _randomized(kind)
+    save_embedded(model, tmp_path / "ckpt", {"note": "test"})
+    loaded = load_embedded(tmp_path / "ckpt")
     x, t, cond = torch.randn(2, 3, 16, 16), torch.rand(2), _cond(2)
     torch.testing.assert_close(loaded(x, t, cond), model(x, t, cond))
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["note"] == "test"
 
 
-def test_bad_checkpoints_raise_errors_naming_the_file(tmp_path):
-    save_tiny_dit(_randomized(), tmp_path / "ok")
+@KINDS
+def test_bad_checkpoints_raise_errors_naming_the_file(kind, tmp_path):
+    save_embedded(_randomized(kind), tmp_path / "ok")
     with pytest.raises(FileNotFoundError, match=r"no config\.json in checkpoint folder"):
-        load_tiny_dit(tmp_path / "nowhere")
+        load_embedded(tmp_path / "nowhere")
     (tmp_path / "ok" / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match=r"model.safetensors are corrupt"):
-        load_tiny_dit(tmp_path / "ok")
+        load_embedded(tmp_path / "ok")
     (tmp_path / "ok" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"model\.safetensors are missing"):
-        load_tiny_dit(tmp_path / "ok")
+        load_embedded(tmp_path / "ok")
     (tmp_path / "ok" / "config.json").write_text("{broken")
     with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
-        load_tiny_dit(tmp_path / "ok")
+        load_embedded(tmp_path / "ok")
     (tmp_path / "ok" / "config.json").write_text(json.dumps({"model_type": "flux"}))
-    with pytest.raises(ValueError, match="not 'tiny-dit'"):
-        load_tiny_dit(tmp_path / "ok")
-    save_tiny_dit(_randomized(), tmp_path / "other")
+    with pytest.raises(ValueError, match="model_type 'flux', not an embedded model"):
+        load_embedded(tmp_path / "ok")
+    save_embedded(_randomized(kind), tmp_path / "other")
     cfg = json.loads((tmp_path / "other" / "config.json").read_text())
-    cfg["model"]["width"] = 64
+    cfg["model"]["width" if kind == "tiny-dit" else "emb_dim"] = 64
     (tmp_path / "other" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="do not match its config"):
-        load_tiny_dit(tmp_path / "other")
+        load_embedded(tmp_path / "other")
 
 
-def test_non_finite_weights_are_never_saved(tmp_path):
-    model = _randomized()
+@KINDS
+def test_non_finite_weights_are_never_saved(kind, tmp_path):
+    model = _randomized(kind)
     with torch.no_grad():
-        model.pos.fill_(float("nan"))
+        next(model.parameters()).fill_(float("nan"))
     with pytest.raises(ValueError, match="non-finite"):
-        save_tiny_dit(model, tmp_path / "bad")
+        save_embedded(model, tmp_path / "bad")
     assert not (tmp_path / "bad" / "model.safetensors").exists()
 
 
@@ -105,8 +122,15 @@ def test_bad_model_config():
         TinyDiTConfig(image_size=30, patch=4)
     with pytest.raises(ValueError, match="divisible by heads"):
         TinyDiTConfig(width=30, heads=4)
-    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 16, 16\)"):
-        _randomized()(torch.zeros(1, 3, 32, 32), torch.rand(1), _cond(1))
+    with pytest.raises(ValueError, match="divisible by 2 \\*\\* 3"):
+        TinyUNetConfig(image_size=36)
+    with pytest.raises(ValueError, match="divisible by groups 8"):
+        TinyUNetConfig(widths=(12, 24, 48))
+    with pytest.raises(ValueError, match="divisible by heads 5"):
+        TinyUNetConfig(heads=5)
+    for kind in SMALL:
+        with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 16, 16\)"):
+            _randomized(kind)(torch.zeros(1, 3, 32, 32), torch.rand(1), _cond(1))
 
 
 def test_text_embeddings_are_token_level_and_cached(tmp_path):
