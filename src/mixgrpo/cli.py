@@ -143,7 +143,7 @@ def _load_prompts(prompt: list[str] | None, prompts: str | None, limit: int | No
     if bool(prompt) == bool(prompts):
         raise ValueError("pass either --prompt TEXT (repeatable) or --prompts FILE, not both or neither")
     if prompts == "heldout":
-        from .world.bench import heldout_eval_prompts
+        from .world.grammar import heldout_eval_prompts
 
         chosen = heldout_eval_prompts()
     else:
@@ -230,16 +230,10 @@ def eval_(
                       TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("eval", total=total, info="")
             for policy in policies:
-                plain = None
                 for b in blends:
                     progress.update(task, info=f"{policy.name} blend {b:g}")
-                    if policy.base is policy.model and plain is not None:  # blending a model with itself
-                        results.append({**plain, "blend": b})
-                        progress.advance(task, seeds * len(chosen))
-                        continue
                     results.append(evaluate_policy(policy, chosen, names, blend=b, seeds=seeds, steps=steps, solver=solver,
                                                    guidance=cfg, on_images=lambda k: progress.advance(task, k)))
-                    plain = results[-1]
     except ValueError as err:
         _fail(str(err))
     table = markdown_table(results)

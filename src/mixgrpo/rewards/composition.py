@@ -36,7 +36,7 @@ colour, so a policy learnt to paint blobs of colour that it scored as exact.
    a picture with extra objects never gets the 0.6 term. Partial credit stays for GRPO:
    the right colour as a real shape, the right object, then the whole prompt.
 
-Speed: about 1 ms per 32 px image on one core (``python -m mixgrpo.world.bench``).
+Speed: about 1 ms per 32 px image on one core (``python -m mixgrpo.bench.world``).
 """
 
 from __future__ import annotations

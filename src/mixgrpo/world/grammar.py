@@ -3,6 +3,7 @@
 Two prompt forms::
 
     <count> <colour> <shape>[s]                       "three blue squares", "one red circle"
+                                                      ("a"/"an" stand for one: "a red circle")
     a <colour> <shape> <relation> a <colour> <shape>  "a red circle left of a blue square"
 
 Held-out split: three (colour, shape) pairs never occur in training prompts, so held-out
@@ -30,6 +31,7 @@ __all__ = [
     "Spec",
     "all_prompts",
     "format_prompt",
+    "heldout_eval_prompts",
     "parse_prompt",
     "perturb_one_attribute",
     "split_prompts",
@@ -120,7 +122,8 @@ def format_prompt(spec: Spec) -> str:
 
 _COLOUR = "|".join(COLOURS)
 _SHAPE = "|".join(SHAPES)
-_COUNT_RE = re.compile(rf"^({'|'.join(COUNT_WORDS)}) ({_COLOUR}) ({_SHAPE})(s?)$")
+_ONE = ("a", "an")  # "a red circle" is "one red circle"
+_COUNT_RE = re.compile(rf"^({'|'.join([*COUNT_WORDS, *_ONE])}) ({_COLOUR}) ({_SHAPE})(s?)$")
 _RELATION_RE = re.compile(rf"^an? ({_COLOUR}) ({_SHAPE}) ({'|'.join(RELATIONS)}) an? ({_COLOUR}) ({_SHAPE})$")
 _VOCABULARY = frozenset(
     [*COLOURS, *SHAPES, *(s + "s" for s in SHAPES), *COUNT_WORDS, "a", "an", *" ".join(RELATIONS).split()]
@@ -131,7 +134,8 @@ def parse_prompt(text: str) -> Spec:
     """Parse a prompt of the grammar (case and extra whitespace are ignored).
 
     Args:
-        text: a prompt such as "two red circles" or "a red circle left of a blue square".
+        text: a prompt such as "two red circles", "a red circle" (= "one red circle") or
+            "a red circle left of a blue square".
 
     Returns:
         The :class:`CountSpec` or :class:`RelationSpec` it describes.
@@ -143,9 +147,9 @@ def parse_prompt(text: str) -> Spec:
     norm = " ".join(str(text).lower().split())
     match = _COUNT_RE.match(norm)
     if match:
-        count = COUNT_WORDS.index(match.group(1)) + 1
+        count = 1 if match.group(1) in _ONE else COUNT_WORDS.index(match.group(1)) + 1
         if (count == 1) == bool(match.group(4)):
-            raise PromptError(f"prompt {text!r}: use the singular noun for 'one' and the plural otherwise")
+            raise PromptError(f"prompt {text!r}: use the singular noun for 'one' (or 'a') and the plural otherwise")
         return CountSpec(count, match.group(2), match.group(3))
     match = _RELATION_RE.match(norm)
     if match:
@@ -184,6 +188,15 @@ def split_prompts() -> tuple[list[str], list[str]]:
     for spec in _all_specs():
         (heldout if any(p in HELD_OUT_PAIRS for p in spec.pairs) else train).append(format_prompt(spec))
     return train, heldout
+
+
+def heldout_eval_prompts(n: int = 256, seed: int = 0) -> list[str]:
+    """A fixed sample of ``n`` held-out prompts (seeded permutation of the held-out split, in split order)."""
+    heldout = split_prompts()[1]
+    if not 1 <= n <= len(heldout):
+        raise ValueError(f"n must be in [1, {len(heldout)}] held-out prompts, got {n}")
+    order = np.random.default_rng(seed).permutation(len(heldout))[:n]
+    return [heldout[i] for i in sorted(order)]
 
 
 def _other(options: list, current: object, rng: np.random.Generator) -> object:
