@@ -169,7 +169,8 @@ def test_expand_and_prune_trains_on_the_survivors(tiny_checkpoint):
     assert (batch.rollout.kept // 6).tolist() == [0, 0, 0, 1, 1, 1]  # every group keeps 3 of its own
     row = trainer.step(0)
     # rows: 6 per group for steps 0-1, 4 (= prune_sizes(6, 3, 2)[0]) for 2-3, 3 after
-    expected = (2 * (6 * 2 + 4 * 2 + 3 * 4) + 2 * 3 * 7) / (2 * 3)
+    # plus 7 loss and 7 reference-policy passes (flow-grpo's KL) per survivor
+    expected = (2 * (6 * 2 + 4 * 2 + 3 * 4) + 2 * 3 * 7 * 2) / (2 * 3)
     assert row["model_passes_per_image"] == pytest.approx(expected)
 
 
@@ -179,7 +180,8 @@ def test_ovf_trains_only_the_max_variance_subset(tiny_checkpoint):
     adv = trainer.advantages(rewards, 4)
     assert adv.valid.tolist() == [True, False, False, True, True, False, False, True]
     assert adv.advantages[~adv.valid].abs().sum() == 0
-    assert torch.allclose(adv.advantages[adv.valid], torch.tensor([-1.0, 1.0, -1.0, 1.0]), atol=1e-3)
+    # mixgrpo: MixGRPO's unbiased std, so a pair's advantages are +-1/sqrt(2)
+    assert torch.allclose(adv.advantages[adv.valid], torch.tensor([-1.0, 1.0, -1.0, 1.0]) / 2**0.5, atol=1e-3)
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

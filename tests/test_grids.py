@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixgrpo.core.accounting import count_model_passes, reference_model_passes
+from mixgrpo.core.accounting import count_model_passes
 from mixgrpo.core.grids import compressed_tail_grid, time_shift, uniform_grid, validate_grid
 from mixgrpo.core.sampler import SamplingPlan, flash_plan, mixed_plan, sample
 
@@ -75,18 +75,24 @@ def test_flash_plan_structure_and_sampling():
 
 
 def test_model_passes_for_every_method_at_t25():
-    """The numbers the issue asks for (see mixgrpo.core.accounting for the table)."""
-    got = {n: (p.sampling, p.training, p.total) for n, p in reference_model_passes(25).items()}
+    """Derived from the presets themselves (mixgrpo.train.plans); the KL of flow-grpo and
+    pro-grpo costs one reference pass per trained step."""
+    from mixgrpo.train.plans import preset_model_passes
+
+    got = {n: (p.sampling, p.training, p.reference, p.total) for n, p in preset_model_passes(25).items()}
     assert got == {
-        "flow-grpo": (25, 24, 49),
-        "dance-grpo": (25, 14, 39),
-        "mixgrpo": (25, 4, 29),
-        "mixgrpo-flash": (11, 4, 15),
-        "mixgrpo-flash-star": (7, 4, 11),
+        "flow-grpo": (25, 24, 24, 73),
+        "dance-grpo": (25, 14, 0, 39),
+        "mixgrpo": (25, 4, 0, 29),
+        "mixgrpo-cps": (25, 4, 0, 29),
+        "mixgrpo-flash": (11, 4, 0, 15),
+        "mixgrpo-flash-star": (7, 4, 0, 11),
+        "pro-grpo": (25, 24, 24, 73),
+        "mixgrpo-prefix": (25, 4, 0, 29),
+        "mixgrpo-pro": (25, 4, 0, 29),
     }
     assert count_model_passes(mixed_plan(uniform_grid(25), [0]), 1, cfg=True).total == 52
-    with pytest.raises(ValueError, match="num_steps >= 6"):
-        reference_model_passes(5)
+    assert count_model_passes(mixed_plan(uniform_grid(25), [0]), 1, cfg=True, kl=True).total == 54
 
 
 def test_model_passes_match_velocity_calls():
@@ -100,7 +106,7 @@ def test_model_passes_match_velocity_calls():
     from mixgrpo.core.steps import SDENoise
 
     out = sample(velocity, torch.randn(2, 4), plan, SDENoise())
-    assert len(calls) == out.model_passes == count_model_passes(plan, 4).sampling
+    assert len(calls) == out.row_passes // 2 == count_model_passes(plan, 4).sampling
 
 
 def test_plan_bad_inputs():

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from mixgrpo.core.grpo import gaussian_kl, group_advantages, multi_reward_advantages, ppo_clip_loss
+from mixgrpo.core.grpo import group_advantages, multi_reward_advantages, ppo_clip_loss
+from mixgrpo.core.objective import gaussian_kl
 from mixgrpo.core.ovf import max_variance_subset
 
 

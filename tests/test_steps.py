@@ -137,16 +137,6 @@ def test_group_members_diverge_only_through_the_window():
     torch.testing.assert_close(out.transitions.t, grid[[3, 4]].float())
 
 
-def test_keep_moments_records_mean_and_std_for_kl():
-    model = TinyVelocity()
-    out = sample(model, torch.randn(2, 3, 6, 6), mixed_plan(uniform_grid(6), [1, 2]), SDENoise(),
-                 generator=torch.Generator().manual_seed(11), keep_moments=True)
-    tr = out.transitions
-    assert tr.mean.shape == tr.x_next.shape and tr.std.shape == (2, 2)
-    lp = gaussian_log_prob(tr.x_next[0], tr.mean[0], tr.std[0], "mean")
-    torch.testing.assert_close(lp, tr.log_prob[0])
-
-
 def test_bad_inputs_raise_clear_errors():
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="unknown SDE kind 'ddpm'"):

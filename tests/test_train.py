@@ -9,7 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from mixgrpo.cli import app
-from mixgrpo.core.accounting import count_model_passes
+from mixgrpo.core.objective import step_loss
+from mixgrpo.train.plans import config_model_passes
 from mixgrpo.train.presets import PRESETS
 from mixgrpo.train.run import train
 from mixgrpo.train.trainer import GRPOTrainer
@@ -28,27 +29,88 @@ def test_ratio_is_exactly_one_before_the_first_update(tiny_checkpoint):
     assert stats["ratio_mean"] == 1.0 and stats["clip_frac"] == 0.0 and stats["approx_kl"] == 0.0
 
 
+def _count_passes(trainer):
+    """Wrap the policy's (and a reference copy's) forward to count grad and no-grad passes."""
+    calls = {"grad": 0, "no_grad": 0}
+    for module in filter(None, (trainer.model, trainer.reference)):
+        def counting_forward(*args, _forward=module.forward, **kwargs):
+            calls["grad" if torch.is_grad_enabled() else "no_grad"] += 1
+            return _forward(*args, **kwargs)
+
+        module.forward = counting_forward
+    return calls
+
+
+def _loss_terms(trainer, cfg, iteration, row):
+    """(trained step, micro-batch) pairs with at least one sample training that step."""
+    if row["zero_std_groups"] == cfg.prompts_per_iter:
+        return 0
+    assert row["zero_std_groups"] == 0, "the toy reward separates every group"
+    _, trained = trainer.plan(iteration)
+    n = cfg.prompts_per_iter * (cfg.sampler.prune_keep or cfg.group_size)
+    mask = torch.as_tensor(trainer.schedule.sample_steps(iteration, range(n)))[:, list(trained)]
+    if cfg.sampler.prune_keep is not None:  # rows survive pruning, each trains every trained step
+        mask = torch.ones(n, len(trained), dtype=torch.bool)
+    return sum(int(chunk.any(0).sum()) for chunk in mask.split(cfg.optim.micro_batch))
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_gradients_flow_only_through_trained_steps_and_passes_match_accounting(tiny_checkpoint, preset):
     cfg = tiny_config(tiny_checkpoint, preset, "loss.kl_beta=0.0")
     trainer = GRPOTrainer(cfg)
-    calls = {"grad": 0, "no_grad": 0}
-    forward = trainer.model.forward
-
-    def counting_forward(*args, **kwargs):
-        calls["grad" if torch.is_grad_enabled() else "no_grad"] += 1
-        return forward(*args, **kwargs)
-
-    trainer.model.forward = counting_forward
+    calls = _count_passes(trainer)
     row = trainer.step(1)
     plan, trained = trainer.plan(1)
-    n_chunks = -(-cfg.prompts_per_iter * (cfg.sampler.prune_keep or cfg.group_size) // cfg.optim.micro_batch)
-    n_trained = len(trained) if row["zero_std_groups"] < cfg.prompts_per_iter else 0
-    assert calls["grad"] == n_trained * n_chunks  # one grad-enabled pass per trained step and chunk
+    assert calls["grad"] == _loss_terms(trainer, cfg, 1, row)  # one grad pass per trained step and chunk
     assert calls["no_grad"] == plan.num_steps  # the rollout: one batched pass per plan step
     if not (cfg.sampler.shared_prefix or cfg.sampler.prune_offsets):  # branching: tests/test_branching.py
-        assert row["model_passes_per_image"] == count_model_passes(plan, len(trained)).total
-    assert row["trained_steps"] == len(trained)
+        assert row["model_passes_per_image"] == config_model_passes(trainer.cfg, 1).total
+    per_sample = trainer.schedule.subset_size if cfg.schedule.per_sample else len(trained)
+    assert row["trained_steps"] == per_sample
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_kl_reference_passes_are_counted(tiny_checkpoint, lora):
+    """With KL on, every loss pass has a no-grad reference pass, and both the measured and
+    the planned accounting include them (flow-grpo on 8 steps: 8 sampling + 7 loss + 7 reference)."""
+    cfg = tiny_config(tiny_checkpoint, "flow-grpo", f"model.lora_rank={lora}")
+    assert cfg.loss.kl_beta > 0
+    trainer = GRPOTrainer(cfg)
+    assert trainer.step(0)["kl"] == 0.0  # the policy starts at the reference
+    calls = _count_passes(trainer)
+    row = trainer.step(1)
+    plan, _ = trainer.plan(1)
+    terms = _loss_terms(trainer, cfg, 1, row)
+    assert terms > 0 and calls["grad"] == terms
+    assert calls["no_grad"] == plan.num_steps + terms  # rollout + one reference pass per loss pass
+    planned = config_model_passes(trainer.cfg, 1)
+    assert (planned.sampling, planned.training, planned.reference) == (8, 7, 7)
+    assert row["model_passes_per_image"] == planned.total == 22
+    assert row["kl"] > 0  # one update later it has moved away
+
+
+def test_per_sample_steps_loss_is_each_samples_mean_over_its_steps(tiny_checkpoint):
+    """dance-grpo: every sample trains its own subset (DanceGRPO's per-sample randperm), and
+    the loss is the mean over samples of the mean over that sample's trained steps, as the
+    reference's ``loss / (accumulation * train_timesteps)`` summed over its samples."""
+    cfg = tiny_config(tiny_checkpoint, "dance-grpo", "loss.clip_range=0.5")
+    trainer = GRPOTrainer(cfg)
+    batch = trainer.rollout(0)
+    mask = batch.sample_mask()
+    assert mask.shape == (8, 7) and (mask.sum(1) == 4).all() and not (mask == mask[0]).all()
+    tr = batch.rollout.transitions
+    tr.log_prob += 0.01 * torch.randn(tr.log_prob.shape, generator=torch.Generator().manual_seed(0))  # ratio != 1
+    adv = trainer.advantages(trainer.score(batch), batch.group_size)
+    assert adv.valid.all()
+    per = torch.zeros(mask.shape)
+    with torch.no_grad():
+        for j, s in enumerate(batch.trained):
+            t, t_next = tr.t[s].item(), tr.t_next[s].item()
+            v = trainer.velocity(tr.x[s], torch.full((8,), t), batch.cond)
+            per[:, j] = step_loss(v, tr.x[s], tr.x_next[s], tr.log_prob[s], adv.advantages, t, t_next,
+                                  trainer.noise, trainer.loss_spec)[0]
+    expected = ((per * mask).sum(1) / mask.sum(1)).mean()
+    assert trainer.update(batch, adv)["loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_toy_reward_moves_samples_the_right_way(tiny_checkpoint):

@@ -8,11 +8,12 @@ from .dpm_solver import dpm_solver_pp_step, half_log_snr
 from .grids import compressed_tail_grid, time_shift, uniform_grid, validate_grid
 from .grpo import (
     Advantages,
-    gaussian_kl,
     group_advantages,
     multi_reward_advantages,
     ppo_clip_loss,
+    ppo_clip_terms,
 )
+from .objective import KL_FORMS, LossSpec, gaussian_kl, kl_std, step_loss
 from .ovf import max_variance_subset
 from .sampler import (
     ODE_SOLVERS,
@@ -26,7 +27,6 @@ from .sampler import (
 )
 from .steps import (
     SDENoise,
-    eps_from_velocity,
     euler_step,
     gaussian_log_prob,
     sde_moments,
@@ -37,9 +37,11 @@ from .steps import (
 from .windows import WINDOW_SCHEDULES, WindowSchedule, make_window_schedule
 
 __all__ = [
+    "KL_FORMS",
     "ODE_SOLVERS",
     "WINDOW_SCHEDULES",
     "Advantages",
+    "LossSpec",
     "ModelPasses",
     "Rollout",
     "SDENoise",
@@ -49,7 +51,6 @@ __all__ = [
     "compressed_tail_grid",
     "count_model_passes",
     "dpm_solver_pp_step",
-    "eps_from_velocity",
     "euler_step",
     "flash_plan",
     "gaussian_kl",
@@ -57,14 +58,17 @@ __all__ = [
     "group_advantages",
     "half_log_snr",
     "initial_noise",
+    "kl_std",
     "make_window_schedule",
     "max_variance_subset",
     "mixed_plan",
     "multi_reward_advantages",
     "ppo_clip_loss",
+    "ppo_clip_terms",
     "sample",
     "sde_moments",
     "sde_step",
+    "step_loss",
     "time_shift",
     "transition_log_prob",
     "uniform_grid",

@@ -12,16 +12,14 @@ from typing import Literal
 
 import torch
 
-from .steps import LOG_PROB_REDUCTIONS, Reduction, broadcast_std, upcast
-
 __all__ = [
     "MULTI_REWARD_MODES",
     "STD_MODES",
     "Advantages",
-    "gaussian_kl",
     "group_advantages",
     "multi_reward_advantages",
     "ppo_clip_loss",
+    "ppo_clip_terms",
 ]
 
 StdMode = Literal["group", "global"]
@@ -44,7 +42,8 @@ class Advantages:
 
 
 def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    rewards = torch.as_tensor(rewards)
+    rewards = rewards.to(torch.promote_types(rewards.dtype, torch.float32))  # float64 stays float64
     if rewards.ndim != 1:
         raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
     if group_size < 1 or rewards.numel() % group_size:
@@ -56,18 +55,30 @@ def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return rewards.view(-1, group_size)
 
 
-def _normalize(grouped: torch.Tensor, std_mode: StdMode, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _normalize(
+    grouped: torch.Tensor, std_mode: StdMode, eps: float, *, trimmed_ratio: float = 0.0, unbiased: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(r - mean_group) / (std + eps)`` and the per-group zero-variance mask.
 
-    Population std (ddof 0), as Flow-GRPO's ``np.std``; ``global`` uses one std over the
-    whole batch (Flow-GRPO's ``global_std``) but keeps per-group means.
+    Population std (ddof 0, Flow-GRPO's ``np.std``) unless ``unbiased`` (ddof 1, torch's
+    ``.std()`` as MixGRPO / DanceGRPO); ``global`` uses one std over the whole batch
+    (Flow-GRPO's ``global_std``) but keeps per-group means. ``trimmed_ratio`` (MixGRPO's
+    option, Tencent-Hunyuan/MixGRPO @ e5cdd6a ``train_grpo_flux.py``): each group's mean and
+    std come from its rewards without the ``min(int(G * ratio), G - 1)`` lowest ones.
     """
     if std_mode not in STD_MODES:
         raise ValueError(f"unknown std mode {std_mode!r}; choose one of {STD_MODES}")
-    mean = grouped.mean(dim=1, keepdim=True)
-    group_std = grouped.std(dim=1, unbiased=False, keepdim=True)
-    std = group_std if std_mode == "group" else grouped.std(unbiased=False).expand_as(group_std)
-    zero_var = (group_std <= 1e-12).squeeze(1)
+    if not 0 <= trimmed_ratio < 1:
+        raise ValueError(f"trimmed_ratio must be in [0, 1), got {trimmed_ratio}")
+    size = grouped.shape[1]
+    trim = min(int(size * trimmed_ratio), size - 1)
+    kept = grouped.sort(dim=1).values[:, trim:] if trim else grouped
+    if unbiased and kept.shape[1] < 2:
+        raise ValueError(f"an unbiased std needs >= 2 rewards per group after trimming, got {kept.shape[1]}")
+    mean = kept.mean(dim=1, keepdim=True)
+    group_std = kept.std(dim=1, unbiased=unbiased, keepdim=True)
+    std = group_std if std_mode == "group" else grouped.std(unbiased=unbiased).expand_as(group_std)
+    zero_var = (grouped.std(dim=1, unbiased=False) <= 1e-12)
     return (grouped - mean) / (std + eps), zero_var
 
 
@@ -89,6 +100,8 @@ def group_advantages(
     std_mode: StdMode = "group",
     eps: float = 1e-4,
     clip: float | None = None,
+    trimmed_ratio: float = 0.0,
+    unbiased: bool = False,
 ) -> Advantages:
     """GRPO advantages ``A_i = (r_i - mean_group) / (std + eps)``, clipped to ``[-clip, clip]``.
 
@@ -98,8 +111,11 @@ def group_advantages(
         std_mode: ``"group"`` (std within each group) or ``"global"`` (one std over the batch).
         eps: added to the std (1e-4 as the reference code).
         clip: ``A_max``; ``None`` for no clipping (MixGRPO uses 5).
+        trimmed_ratio: share of each group's lowest rewards left out of its mean and std.
+        unbiased: ddof-1 std (MixGRPO, DanceGRPO) instead of the population std (Flow-GRPO).
     """
-    adv, zero_var = _normalize(_grouped(rewards, group_size), std_mode, eps)
+    adv, zero_var = _normalize(_grouped(rewards, group_size), std_mode, eps, trimmed_ratio=trimmed_ratio,
+                               unbiased=unbiased)
     return _finish(adv, zero_var, clip)
 
 
@@ -112,6 +128,8 @@ def multi_reward_advantages(
     std_mode: StdMode = "group",
     eps: float = 1e-4,
     clip: float | None = None,
+    trimmed_ratio: float = 0.0,
+    unbiased: bool = False,
 ) -> Advantages:
     """Advantages from several rewards ``r^(j)`` with weights ``w_j``.
 
@@ -133,29 +151,29 @@ def multi_reward_advantages(
         raise ValueError(f"reward weights must be >= 0 with a positive sum, got {dict(weights)}")
     names = sorted(rewards)
     if mode == "sum_then_normalize":
-        combined = sum(weights[n] * torch.as_tensor(rewards[n], dtype=torch.float32) for n in names)
-        return group_advantages(combined, group_size, std_mode=std_mode, eps=eps, clip=clip)
+        combined = sum(weights[n] * _grouped(rewards[n], group_size).reshape(-1) for n in names)
+        return group_advantages(combined, group_size, std_mode=std_mode, eps=eps, clip=clip,
+                                trimmed_ratio=trimmed_ratio, unbiased=unbiased)
     adv_sum, zero_all = None, None
     for n in names:
-        adv, zero_var = _normalize(_grouped(rewards[n], group_size), std_mode, eps)
+        adv, zero_var = _normalize(_grouped(rewards[n], group_size), std_mode, eps, trimmed_ratio=trimmed_ratio,
+                                   unbiased=unbiased)
         adv = adv.masked_fill(zero_var.unsqueeze(1), 0.0) * (weights[n] / total)
         adv_sum = adv if adv_sum is None else adv_sum + adv
         zero_all = zero_var if zero_all is None else zero_all & zero_var
     return _finish(adv_sum, zero_all, clip)
 
 
-def ppo_clip_loss(
+def ppo_clip_terms(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,
     advantages: torch.Tensor,
     clip_range: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-clipped GRPO loss per trained step:
+    """PPO-clipped GRPO loss per element (per sample of one trained step):
 
         rho = exp(log p_theta - log p_old)
         L   = max(-A rho, -A clip(rho, 1 - eps, 1 + eps))
-
-    averaged over every element (samples x trained steps).
 
     Args:
         log_prob: ``(...)`` log-probs under the current parameters (differentiable).
@@ -164,7 +182,8 @@ def ppo_clip_loss(
         clip_range: ``eps`` (1e-4 with mean-reduced log-probs as MixGRPO).
 
     Returns:
-        The scalar loss and detached stats: ``ratio_mean``, ``clip_frac``, ``approx_kl``.
+        ``L`` shaped like ``log_prob`` and detached stats (means): ``ratio_mean``,
+        ``clip_frac``, ``approx_kl``.
     """
     if not clip_range > 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
@@ -173,25 +192,22 @@ def ppo_clip_loss(
     adv = advantages.detach().to(ratio.dtype)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    terms = torch.maximum(unclipped, clipped)
     with torch.no_grad():
         stats = {
             "ratio_mean": ratio.mean(),
             "clip_frac": ((ratio - 1.0).abs() > clip_range).float().mean(),
             "approx_kl": 0.5 * (log_ratio**2).mean(),
         }
-    return loss, stats
+    return terms, stats
 
 
-def gaussian_kl(
-    mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor | float, reduction: Reduction
-) -> torch.Tensor:
-    """KL between the policy's and the reference policy's step Gaussians (same std):
-    ``KL = ||mean_theta - mean_ref||^2 / (2 std^2)``, reduced over non-batch dims like the
-    log-prob (``"mean"`` or ``"sum"``). Returns ``(B,)``."""
-    if reduction not in LOG_PROB_REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; choose one of {LOG_PROB_REDUCTIONS}")
-    std = broadcast_std(std, mean)
-    kl = (upcast(mean) - upcast(mean_ref)) ** 2 / (2 * std**2)
-    dims = tuple(range(1, kl.ndim))
-    return kl.mean(dim=dims) if reduction == "mean" else kl.sum(dim=dims)
+def ppo_clip_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`ppo_clip_terms` averaged over every element (samples x trained steps)."""
+    terms, stats = ppo_clip_terms(log_prob, old_log_prob, advantages, clip_range)
+    return terms.mean(), stats

@@ -18,6 +18,7 @@ import torch
 from .dpm_solver import DPM_ORDERS, dpm_solver_pp_step
 from .grids import compressed_tail_grid, uniform_grid, validate_grid
 from .steps import (
+    LogProbForm,
     Reduction,
     SDENoise,
     euler_step,
@@ -161,7 +162,7 @@ def initial_noise(
 class Transitions:
     """What the GRPO loss needs from the stochastic steps of a rollout, stacked over
     ``S`` trained steps: ``x``/``x_next`` ``(S, B, ...)``, ``t``/``t_next`` ``(S,)``,
-    ``log_prob`` ``(S, B)``; ``mean``/``std`` only when requested (KL)."""
+    ``log_prob`` ``(S, B)``."""
 
     step_index: tuple[int, ...]
     x: torch.Tensor
@@ -169,8 +170,6 @@ class Transitions:
     t: torch.Tensor
     t_next: torch.Tensor
     log_prob: torch.Tensor
-    mean: torch.Tensor | None = None
-    std: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.step_index)
@@ -182,7 +181,6 @@ class Rollout:
 
     x0: torch.Tensor
     transitions: Transitions | None
-    model_passes: int  # per row of a full, unshared, unpruned batch (the plan's steps)
     trajectory: list[torch.Tensor] = field(default_factory=list)
     kept: torch.Tensor | None = None  # original row of each output row (pruning drops rows)
     row_passes: int = 0  # model evaluations actually made, summed over rows
@@ -214,8 +212,8 @@ def sample(
     noise: SDENoise | None = None,
     *,
     reduction: Reduction = "mean",
+    log_prob_form: LogProbForm = "gaussian",
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
-    keep_moments: bool = False,
     keep_trajectory: bool = False,
     prefix_groups: int | None = None,
     prune: Pruning | None = None,
@@ -233,9 +231,10 @@ def sample(
         plan: the grid and step kinds.
         noise: the SDE form; required when the plan has SDE steps.
         reduction: log-prob reduction over non-batch dims.
+        log_prob_form: ``"gaussian"`` or Flow-GRPO's ``"flow_grpo_cps"`` surrogate (the loss
+            must use the same form, or the importance ratio is meaningless).
         generator: RNG for the SDE noise; a sequence gives each contiguous block of rows (a
             group) its own stream (see :func:`~mixgrpo.core.steps.standard_noise`).
-        keep_moments: also keep each SDE step's mean and std (for a KL term).
         keep_trajectory: keep every intermediate sample (for plots and tests).
         prefix_groups: shared-prefix rollouts (BranchGRPO-style): rows come in groups of this
             size that share their initial noise, so every deterministic step before the first
@@ -257,7 +256,7 @@ def sample(
         step_velocity = _rows(velocity, alive[:: prefix_groups])
     history_x0: list[torch.Tensor] = []
     history_t: list[float] = []
-    recorded: dict[str, list[torch.Tensor]] = {k: [] for k in ("x", "x_next", "log_prob", "mean", "std")}
+    recorded: dict[str, list[torch.Tensor]] = {k: [] for k in ("x", "x_next", "log_prob")}
     trajectory = [x] if keep_trajectory else []
     row_passes = 0
     for k, kind in enumerate(plan.kinds):
@@ -277,15 +276,11 @@ def sample(
             recorded = {key: [r[keep] for r in rows] for key, rows in recorded.items()}
             trajectory = [z[keep] for z in trajectory]
             step_velocity = _rows(velocity, alive)
-            batch = x.shape[0]
         if kind == "sde":
             step = sde_step(x, v, t, t_next, noise, generator=generator)
             recorded["x"].append(x)
             recorded["x_next"].append(step.x_next)
-            recorded["log_prob"].append(gaussian_log_prob(step.x_next, step.mean, step.std, reduction))
-            if keep_moments:
-                recorded["mean"].append(step.mean)
-                recorded["std"].append(torch.as_tensor(step.std).expand(batch).clone())
+            recorded["log_prob"].append(gaussian_log_prob(step.x_next, step.mean, step.std, reduction, log_prob_form))
             x_next = step.x_next
             history_x0, history_t = [], []
         elif kind == "euler":
@@ -308,11 +303,8 @@ def sample(
             t=torch.tensor([grid[k] for k in sde], dtype=torch.float32),
             t_next=torch.tensor([grid[k + 1] for k in sde], dtype=torch.float32),
             log_prob=torch.stack(recorded["log_prob"]),
-            mean=torch.stack(recorded["mean"]) if keep_moments else None,
-            std=torch.stack(recorded["std"]) if keep_moments else None,
         )
-    return Rollout(x0=x, transitions=transitions, model_passes=plan.num_steps, trajectory=trajectory,
-                   kept=alive, row_passes=row_passes)
+    return Rollout(x0=x, transitions=transitions, trajectory=trajectory, kept=alive, row_passes=row_passes)
 
 
 def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
@@ -321,16 +313,14 @@ def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
     if len(parts) == 1:
         return parts[0]
 
-    def rows(name: str) -> torch.Tensor | None:
-        values = [getattr(p.transitions, name) for p in parts]
-        return None if values[0] is None else torch.cat(values, dim=1)
+    def rows(name: str) -> torch.Tensor:
+        return torch.cat([getattr(p.transitions, name) for p in parts], dim=1)
 
     transitions = None
     if parts[0].transitions is not None:
         first = parts[0].transitions
-        transitions = Transitions(first.step_index, rows("x"), rows("x_next"), first.t, first.t_next, rows("log_prob"),
-                                  rows("mean"), rows("std"))
-    return Rollout(torch.cat([p.x0 for p in parts]), transitions, parts[0].model_passes,
+        transitions = Transitions(first.step_index, rows("x"), rows("x_next"), first.t, first.t_next, rows("log_prob"))
+    return Rollout(torch.cat([p.x0 for p in parts]), transitions,
                    kept=torch.cat([p.kept for p in parts]), row_passes=sum(p.row_passes for p in parts))
 
 

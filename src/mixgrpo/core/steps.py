@@ -19,12 +19,12 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "LOG_PROB_FORMS",
     "LOG_PROB_REDUCTIONS",
     "SDE_KINDS",
     "SDENoise",
     "SDETransition",
     "broadcast_std",
-    "eps_from_velocity",
     "euler_step",
     "gaussian_log_prob",
     "sde_moments",
@@ -39,13 +39,17 @@ SDEKind = Literal["flow_grpo", "dance", "cps"]
 SDE_KINDS: tuple[str, ...] = ("flow_grpo", "dance", "cps")
 Reduction = Literal["mean", "sum"]
 LOG_PROB_REDUCTIONS: tuple[str, ...] = ("mean", "sum")
+LogProbForm = Literal["gaussian", "flow_grpo_cps"]
+# gaussian: the exact log-density; flow_grpo_cps: Flow-GRPO's CPS surrogate -(x' - mean)^2, no 1/(2 std^2), no constants
+LOG_PROB_FORMS: tuple[str, ...] = ("gaussian", "flow_grpo_cps")
 
 Time = float | torch.Tensor
 
 
 def _as_column(t: Time, like: torch.Tensor) -> torch.Tensor:
-    """Broadcast a scalar or ``(B,)`` time to ``(B, 1, ..., 1)`` float32 on ``like``'s device."""
-    t = torch.as_tensor(t, dtype=torch.float32, device=like.device)
+    """Broadcast a scalar or ``(B,)`` time to ``(B, 1, ..., 1)`` on ``like``'s device, in float32
+    (float64 when ``like`` is float64, so double-precision checks stay exact)."""
+    t = torch.as_tensor(t, dtype=torch.promote_types(like.dtype, torch.float32), device=like.device)
     if t.ndim == 0:
         return t
     if t.ndim != 1 or t.shape[0] != like.shape[0]:
@@ -61,8 +65,9 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 def broadcast_std(std: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
-    """A scalar, ``(B,)`` or already-broadcastable std as a float32 tensor that broadcasts to ``like``."""
-    std = torch.as_tensor(std, dtype=torch.float32, device=like.device)
+    """A scalar, ``(B,)`` or already-broadcastable std as a float32 (float64 with float64 ``like``)
+    tensor that broadcasts to ``like``."""
+    std = torch.as_tensor(std, dtype=torch.promote_types(like.dtype, torch.float32), device=like.device)
     if std.ndim == 1 and like.ndim > 1 and std.shape[0] == like.shape[0]:
         std = std.view(-1, *([1] * (like.ndim - 1)))
     return std
@@ -71,11 +76,6 @@ def broadcast_std(std: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor
 def x0_from_velocity(x: torch.Tensor, v: torch.Tensor, t: Time) -> torch.Tensor:
     """Data prediction ``x0_hat = x - t v``."""
     return upcast(x) - _as_column(t, x) * upcast(v)
-
-
-def eps_from_velocity(x: torch.Tensor, v: torch.Tensor, t: Time) -> torch.Tensor:
-    """Noise prediction ``eps_hat = x + (1 - t) v``."""
-    return upcast(x) + (1 - _as_column(t, x)) * upcast(v)
 
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, t: Time, t_next: Time) -> torch.Tensor:
@@ -203,12 +203,18 @@ def sde_step(
 
 
 def gaussian_log_prob(
-    x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float, reduction: Reduction
+    x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float, reduction: Reduction,
+    form: LogProbForm = "gaussian",
 ) -> torch.Tensor:
     """``log N(x_next; mean, std^2 I)`` per element, reduced over all non-batch dims.
 
     ``reduction="mean"`` averages over dims, as Flow-GRPO, DanceGRPO and MixGRPO do (hence
     their tiny PPO clip ranges, 1e-4); ``"sum"`` is the true joint log-density.
+
+    ``form="flow_grpo_cps"`` is Flow-GRPO's log-prob for its ``cps`` steps instead: the
+    squared error ``-(x_next - mean)^2`` with every constant and the ``1 / (2 std^2)``
+    dropped (yifan123/flow_grpo @ 54809b5, ``sd3_sde_with_logprob.py``). Not a density: its
+    importance ratios have their own scale (the reference pairs it with clip 1e-5).
 
     Returns:
         ``(B,)`` float32.
@@ -217,12 +223,17 @@ def gaussian_log_prob(
         raise ValueError(
             f"unknown log-prob reduction {reduction!r}; choose one of {LOG_PROB_REDUCTIONS}"
         )
+    if form not in LOG_PROB_FORMS:
+        raise ValueError(f"unknown log-prob form {form!r}; choose one of {LOG_PROB_FORMS}")
     std = broadcast_std(std, mean)
     if bool((std <= 0).any()):
         raise ValueError("log-prob needs std > 0; a deterministic step (t_next = 0) has no density")
     diff = upcast(x_next.detach()) - upcast(mean)
-    log_p = -(diff**2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    log_p = log_p.expand_as(diff)
+    if form == "flow_grpo_cps":
+        log_p = -(diff**2)
+    else:
+        log_p = -(diff**2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+        log_p = log_p.expand_as(diff)
     dims = tuple(range(1, diff.ndim))
     return log_p.mean(dim=dims) if reduction == "mean" else log_p.sum(dim=dims)
 
@@ -235,6 +246,7 @@ def transition_log_prob(
     t_next: Time,
     noise: SDENoise,
     reduction: Reduction,
+    form: LogProbForm = "gaussian",
 ) -> torch.Tensor:
     """Log-density of a stored transition ``(x, x_next, t, t_next)`` under the velocity ``v``
     of the current parameters: the numerator of GRPO's importance ratio
@@ -243,4 +255,4 @@ def transition_log_prob(
     Differentiable through ``v``; ``x_next`` is treated as data.
     """
     mean, std = sde_moments(x, v, t, t_next, noise)
-    return gaussian_log_prob(x_next, mean, std, reduction)
+    return gaussian_log_prob(x_next, mean, std, reduction, form)

@@ -12,6 +12,7 @@ moves by the stride ``s`` every ``interval`` iterations, ``l <- min(l + s, l_max
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,8 +31,8 @@ WINDOW_SCHEDULES: tuple[str, ...] = (
 )
 
 
-def _rng(seed: int, iteration: int) -> np.random.Generator:
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(iteration), 0x6D6978])
+def _rng(seed: int, iteration: int, *more: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(iteration), 0x6D6978, *map(int, more)])
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class WindowSchedule:
         rollback: past ``max_start``, jump back to ``start`` instead of staying there.
         low, high: ``random_range``: the window lies in ``[low, high)``.
         fraction: ``random_subset``'s share of the ``T - 1`` trainable steps (DanceGRPO 0.6).
+        per_sample: ``random_subset`` only: each sample draws its own subset (DanceGRPO's
+            reference draws a fresh permutation per sample and trains its first
+            ``int(fraction (T - 1))`` steps); see :meth:`sample_steps`.
         seed: for the random schedules.
     """
 
@@ -73,6 +77,7 @@ class WindowSchedule:
     low: int = 0
     high: int | None = None
     fraction: float = 0.6
+    per_sample: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -83,6 +88,8 @@ class WindowSchedule:
                 f"num_steps must be an integer >= 2 (a trainable step plus the final one), got {self.num_steps!r}"
             )
         trainable = self.num_steps - 1
+        if self.per_sample and self.name != "random_subset":
+            raise ValueError(f"per-sample step subsets need the random_subset schedule, not {self.name!r}")
         if self.name == "all":
             return
         if self.name == "random_subset":
@@ -159,14 +166,38 @@ class WindowSchedule:
     def steps(self, iteration: int) -> tuple[int, ...]:
         """Sorted indices of the trained (stochastic) steps at ``iteration``."""
         trainable = self.num_steps - 1
+        if self.per_sample and self.name != "random_subset":
+            raise ValueError(f"per-sample step subsets need the random_subset schedule, not {self.name!r}")
         if self.name == "all":
             return tuple(range(trainable))
         if self.name == "random_subset":
-            count = max(1, int(self.fraction * trainable))
-            chosen = _rng(self.seed, iteration).choice(trainable, size=count, replace=False)
+            if self.per_sample:  # the union over samples: any step may be some sample's
+                return tuple(range(trainable))
+            chosen = _rng(self.seed, iteration).choice(trainable, size=self.subset_size, replace=False)
             return tuple(sorted(int(k) for k in chosen))
         start = self.start_at(iteration)
         return tuple(range(start, start + self.size))
+
+
+    @property
+    def subset_size(self) -> int:
+        """``random_subset``: steps trained per sample, ``max(1, int(fraction (T - 1)))``."""
+        return max(1, int(self.fraction * (self.num_steps - 1)))
+
+    def sample_steps(self, iteration: int, sample_ids: Sequence[int]) -> np.ndarray:
+        """``(n, T - 1)`` bool: which trainable steps each sample trains at ``iteration``.
+
+        With ``per_sample`` each sample (by its id, e.g. its row in the whole batch, so the
+        draw does not depend on the rank that holds it) gets its own subset; otherwise
+        every row repeats :meth:`steps`."""
+        trainable = self.num_steps - 1
+        mask = np.zeros((len(sample_ids), trainable), dtype=bool)
+        if not self.per_sample:
+            mask[:, list(self.steps(iteration))] = True
+            return mask
+        for row, sid in enumerate(sample_ids):
+            mask[row, _rng(self.seed, iteration, 1, sid).permutation(trainable)[: self.subset_size]] = True
+        return mask
 
 
 def make_window_schedule(name: str, num_steps: int, **kwargs) -> WindowSchedule:

@@ -29,6 +29,13 @@ class RolloutBatch:
     plan: SamplingPlan
     group_size: int  # members per group in this batch (after any pruning)
     rewards: dict[str, torch.Tensor] | None = None  # already scored (rewards_in_background)
+    trained_mask: torch.Tensor | None = None  # (N, len(trained)) bool: the trained steps of each sample; None: all
+
+    def sample_mask(self) -> torch.Tensor:
+        """``(N, len(trained))`` bool: which of the trained positions each sample trains."""
+        if self.trained_mask is not None:
+            return self.trained_mask
+        return torch.ones(self.images.shape[0], len(self.trained), dtype=torch.bool)
 
 
 def iteration_generator(seed: int, iteration: int, stream: int, *more: int) -> torch.Generator:

@@ -18,8 +18,9 @@ import torch
 import yaml
 
 from ..core.grpo import MULTI_REWARD_MODES, STD_MODES
+from ..core.objective import KL_FORMS
 from ..core.sampler import ODE_SOLVERS
-from ..core.steps import LOG_PROB_REDUCTIONS, SDE_KINDS
+from ..core.steps import LOG_PROB_FORMS, LOG_PROB_REDUCTIONS, SDE_KINDS
 from ..core.windows import WINDOW_SCHEDULES
 
 __all__ = [
@@ -98,10 +99,13 @@ class ScheduleConfig:
     low: int = 0  # random_range bounds (Flow-GRPO-Fast)
     high: int | None = None
     fraction: float = 0.6  # random_subset share of trainable steps (DanceGRPO: 0.6)
+    per_sample: bool = False  # random_subset: a fresh subset per sample (DanceGRPO's per-sample randperm)
 
     def validate(self) -> None:
         if self.name not in WINDOW_SCHEDULES:
             raise ValueError(f"schedule.name {self.name!r} is not one of {WINDOW_SCHEDULES}")
+        if self.per_sample and self.name != "random_subset":
+            raise ValueError(f"schedule.per_sample needs schedule.name=random_subset, got {self.name!r}")
 
 
 @dataclass
@@ -110,7 +114,12 @@ class LossConfig:
     adv_clip: float | None = 5.0  # A_max (MixGRPO: 5)
     reduction: str = "mean"  # log-prob reduction over latent dims: mean (reference code) | sum
     kl_beta: float = 0.0  # weight of KL to the reference policy (MixGRPO: 0)
-    std_mode: str = "group"  # advantage std: per group | global
+    std_mode: str = "group"  # advantage std: per group | global (Flow-GRPO's global_std)
+    std_unbiased: bool = False  # ddof-1 advantage std (MixGRPO/DanceGRPO torch .std()); False: ddof 0 (Flow-GRPO np.std)
+    adv_eps: float = 1e-4  # added to the advantage std (Flow-GRPO 1e-4; MixGRPO/DanceGRPO 1e-8)
+    trimmed_ratio: float = 0.0  # MixGRPO: share of a group's lowest rewards left out of its mean and std
+    kl_form: str = "exact"  # exact: ||dmu||^2/(2 g^2 |dt|) | flow_grpo: ||dmu||^2/(2 g^2), its train_sd3.py
+    logprob_form: str = "gaussian"  # gaussian (exact density) | flow_grpo_cps: -(x'-mu)^2 (Flow-GRPO's cps)
     multi_reward_mode: str = "normalize_then_sum"  # MixGRPO/DanceGRPO; Flow-GRPO: sum_then_normalize
     ovf_keep: int | None = None  # Pro-GRPO OVF: train on the k of each group with maximal reward variance
 
@@ -127,6 +136,13 @@ class LossConfig:
             raise ValueError(f"loss.std_mode {self.std_mode!r} is not one of {STD_MODES}")
         if self.multi_reward_mode not in MULTI_REWARD_MODES:
             raise ValueError(f"loss.multi_reward_mode {self.multi_reward_mode!r} is not one of {MULTI_REWARD_MODES}")
+        if not self.adv_eps > 0 or not 0 <= self.trimmed_ratio < 1:
+            raise ValueError(f"loss.adv_eps must be > 0 and loss.trimmed_ratio in [0, 1), got {self.adv_eps}, "
+                             f"{self.trimmed_ratio}")
+        if self.kl_form not in KL_FORMS:
+            raise ValueError(f"loss.kl_form {self.kl_form!r} is not one of {KL_FORMS}")
+        if self.logprob_form not in LOG_PROB_FORMS:
+            raise ValueError(f"loss.logprob_form {self.logprob_form!r} is not one of {LOG_PROB_FORMS}")
 
 
 @dataclass
@@ -249,6 +265,12 @@ class TrainConfig:
         if self.loss.ovf_keep is not None and not 2 <= self.loss.ovf_keep < survivors:
             raise ValueError(f"loss.ovf_keep must be in [2, {survivors - 1}]: k below the (surviving) group of "
                              f"{survivors}, got {self.loss.ovf_keep}")
+        if self.schedule.per_sample and self.sampler.sde_on != "all":
+            raise ValueError("schedule.per_sample trains different steps per sample, so every step must be an SDE "
+                             "step: set sampler.sde_on=all")
+        if self.loss.logprob_form == "flow_grpo_cps" and self.sampler.sde_kind != "cps":
+            raise ValueError(f"loss.logprob_form=flow_grpo_cps is Flow-GRPO's log-prob for CPS steps; it needs "
+                             f"sampler.sde_kind=cps, got {self.sampler.sde_kind!r}")
         trainable = self.sampler.num_steps - 1
         if self.schedule.name not in ("all", "random_subset") and self.schedule.size > trainable:
             raise ValueError(

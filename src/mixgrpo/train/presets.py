@@ -30,7 +30,11 @@ def _cpu_scale(cfg: TrainConfig) -> None:
 def mixgrpo(cfg: TrainConfig) -> None:
     """MixGRPO: ODE everywhere but a sliding window of w = 4 SDE steps (Flow-GRPO form),
     loss on the window only, the window starting at the noisiest step and moving by 1;
-    shared initial noise per group; per-reward group normalisation; clip 1e-4, A_max 5."""
+    shared initial noise per group; per-reward group normalisation with the reference's
+    ``(r - mean) / (std + 1e-8)``, torch's unbiased std (Tencent-Hunyuan/MixGRPO @ e5cdd6a,
+    ``train_grpo_flux.py``); clip 1e-4, A_max 5, no KL. The reference caps the window start
+    with ``range(cur, min(cur + 4, T - 2))`` and so never trains step T - 2; ours slides the
+    full window up to it (``schedule.max_start`` caps it lower)."""
     _cpu_scale(cfg)
     cfg.sampler.sde_kind, cfg.sampler.noise_level, cfg.sampler.sde_on = "flow_grpo", 0.7, "trained"
     cfg.sampler.shared_noise = True
@@ -38,6 +42,21 @@ def mixgrpo(cfg: TrainConfig) -> None:
     cfg.schedule.interval = 6  # GPU: 25 of 300 iterations; here about the same share of a CPU run
     cfg.loss.clip_range, cfg.loss.adv_clip, cfg.loss.kl_beta = 1e-4, 5.0, 0.0
     cfg.loss.multi_reward_mode = "normalize_then_sum"
+    cfg.loss.std_unbiased, cfg.loss.adv_eps = True, 1e-8
+
+
+def mixgrpo_cps(cfg: TrainConfig) -> None:
+    """MixGRPO v7's CPS configuration (its Table 1 trains with coefficients-preserving
+    sampling in the window): MixGRPO with ``sde_kind=cps`` and Flow-GRPO's CPS log-prob
+    ``-mean((x' - mean)^2)`` (yifan123/flow_grpo @ 54809b5, ``sd3_sde_with_logprob.py``; the
+    MixGRPO code at e5cdd6a has no CPS). Noise level 0.8 and clip 1e-5 as Flow-GRPO's CPS
+    configs (``config/grpo.py``, ``*_fast_nocfg``): that log-prob's ratios move on the scale
+    ``2 std^2`` times the mean-reduced Gaussian's. With one optimizer step per rollout the
+    ratio is exactly 1 at the update, so the clip never binds here; the form only reweights
+    the steps' gradients."""
+    mixgrpo(cfg)
+    cfg.sampler.sde_kind, cfg.sampler.noise_level = "cps", 0.8
+    cfg.loss.logprob_form, cfg.loss.clip_range = "flow_grpo_cps", 1e-5
 
 
 def mixgrpo_flash(cfg: TrainConfig) -> None:
@@ -57,24 +76,31 @@ def mixgrpo_flash_star(cfg: TrainConfig) -> None:
 
 def flow_grpo(cfg: TrainConfig) -> None:
     """Flow-GRPO: SDE (a = 0.7) on every step but the last, loss on all of them, rewards
-    summed then normalised, KL to the reference (beta 0.04), clip 1e-4."""
+    summed then normalised with one std over the whole batch (``global_std``, its SD3
+    configs), KL to the reference in its form ``mean((mean - mean_ref)^2) / (2 g^2)`` with
+    beta 0.04, clip 1e-4 (yifan123/flow_grpo @ 54809b5 ``config/grpo.py``, and
+    ``scripts/train_sd3.py`` @ ac4c86e)."""
     _cpu_scale(cfg)
     cfg.sampler.sde_kind, cfg.sampler.noise_level, cfg.sampler.sde_on = "flow_grpo", 0.7, "all"
     cfg.sampler.shared_noise = False
     cfg.schedule.name = "all"
     cfg.loss.clip_range, cfg.loss.adv_clip, cfg.loss.kl_beta = 1e-4, 5.0, 0.04
+    cfg.loss.kl_form, cfg.loss.std_mode = "flow_grpo", "global"
     cfg.loss.multi_reward_mode = "sum_then_normalize"
 
 
 def dance_grpo(cfg: TrainConfig) -> None:
-    """DanceGRPO: eta-form SDE (eta = 0.3) on every step, loss on a random 60% of them,
-    shared initial noise per group, no KL, clip 1e-4."""
+    """DanceGRPO: eta-form SDE (eta = 0.3) on every step; each sample trains its own random
+    ``int(0.6 * 24) = 14`` steps (a fresh permutation per sample, XueZeyue/DanceGRPO @ 15cc71d
+    ``train_grpo_flux.py``); shared initial noise per group; ``(r - mean) / (std + 1e-8)``
+    with torch's unbiased std; no KL, clip 1e-4."""
     _cpu_scale(cfg)
     cfg.sampler.sde_kind, cfg.sampler.noise_level, cfg.sampler.sde_on = "dance", 0.3, "all"
     cfg.sampler.shared_noise = True
-    cfg.schedule.name, cfg.schedule.fraction = "random_subset", 0.6
+    cfg.schedule.name, cfg.schedule.fraction, cfg.schedule.per_sample = "random_subset", 0.6, True
     cfg.loss.clip_range, cfg.loss.adv_clip, cfg.loss.kl_beta = 1e-4, 5.0, 0.0
     cfg.loss.multi_reward_mode = "normalize_then_sum"
+    cfg.loss.std_unbiased, cfg.loss.adv_eps = True, 1e-8
 
 
 def pro_grpo(cfg: TrainConfig) -> None:
@@ -104,6 +130,7 @@ def mixgrpo_pro(cfg: TrainConfig) -> None:
 
 PRESETS: dict[str, Callable[[TrainConfig], None]] = {
     "mixgrpo": mixgrpo,
+    "mixgrpo-cps": mixgrpo_cps,
     "mixgrpo-flash": mixgrpo_flash,
     "mixgrpo-flash-star": mixgrpo_flash_star,
     "flow-grpo": flow_grpo,

@@ -9,7 +9,6 @@ resumed run repeats the uninterrupted one exactly.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import time
@@ -22,18 +21,11 @@ import numpy as np
 import torch
 
 from ..core.grids import uniform_grid
-from ..core.grpo import Advantages, gaussian_kl, multi_reward_advantages, ppo_clip_loss
+from ..core.grpo import Advantages, multi_reward_advantages
+from ..core.objective import LossSpec, step_loss
 from ..core.ovf import max_variance_subset
-from ..core.sampler import (
-    SamplingPlan,
-    concat_rollouts,
-    flash_plan,
-    initial_noise,
-    mixed_plan,
-    sample,
-)
-from ..core.steps import SDENoise, gaussian_log_prob, sde_moments
-from ..core.windows import WindowSchedule
+from ..core.sampler import SamplingPlan, concat_rollouts, initial_noise, sample
+from ..core.steps import SDENoise
 from ..inference.generate import generate_prompts
 from ..models.lora import adapters_disabled, add_lora
 from ..models.tiny_dit import TextCondition
@@ -49,6 +41,7 @@ from .distributed import (
     sum_over_ranks,
 )
 from .fsdp import shard_model
+from .plans import make_schedule, sampling_plan
 
 __all__ = ["GRPOTrainer", "NonFiniteError", "RolloutBatch"]
 
@@ -114,8 +107,10 @@ class GRPOTrainer:
         self.rewards = {name: get_reward(name, **options) for name, options in cfg.reward_options.items()}
         s = cfg.sampler
         self.noise = SDENoise(s.sde_kind, s.noise_level)
+        lc = cfg.loss
+        self.loss_spec = LossSpec(lc.clip_range, lc.kl_beta, lc.reduction, lc.logprob_form, lc.kl_form)
         self.grid = uniform_grid(s.num_steps, shift=s.shift)
-        self.schedule = WindowSchedule(num_steps=s.num_steps, seed=cfg.seed, **dataclasses.asdict(cfg.schedule))
+        self.schedule = make_schedule(cfg)
         self.nonfinite_streak = 0  # consecutive iterations with NaN/Inf (see optim.max_nonfinite)
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.model.dtype == "bfloat16" else nullcontext()
@@ -142,22 +137,19 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ rollout
     def plan(self, iteration: int) -> tuple[SamplingPlan, tuple[int, ...]]:
         """The sampling plan and the trained step indices (of the training grid)."""
-        s = self.cfg.sampler
-        trained = self.schedule.steps(iteration)
-        if s.sde_on == "all":
-            return mixed_plan(self.grid, range(s.num_steps - 1), s.ode_solver), trained
-        if s.flash_compression is not None:
-            return flash_plan(s.num_steps, trained, s.flash_compression, s.shift, s.dpm_order), trained
-        return mixed_plan(self.grid, trained, s.ode_solver), trained
+        return sampling_plan(self.cfg, self.schedule, self.grid, iteration)
 
     def measured_passes(self, batch: RolloutBatch) -> float:
         """Model passes actually spent per trained sample: rollout passes (after prefix sharing
-        and pruning) plus loss passes, over the samples that enter the loss (OVF's k per group)."""
+        and pruning) plus loss passes (and, with a KL term, as many reference-policy passes),
+        over the samples that enter the loss (OVF's k per group)."""
         per_call = 2 if self.cfg.sampler.guidance != 1.0 else 1
         n_groups = batch.images.shape[0] // batch.group_size
         trained_samples = n_groups * (self.cfg.loss.ovf_keep or batch.group_size)
         sampling = batch.rollout.row_passes * per_call
-        training = len(batch.trained) * trained_samples * per_call * self.cfg.optim.inner_epochs
+        steps_per_sample = batch.sample_mask().sum(1).float().mean().item() if batch.trained else 0.0
+        with_reference = 2 if self.cfg.loss.kl_beta > 0 else 1
+        training = steps_per_sample * trained_samples * per_call * self.cfg.optim.inner_epochs * with_reference
         return (sampling + training) / trained_samples
 
     @torch.no_grad()
@@ -191,7 +183,7 @@ class GRPOTrainer:
                 groups = range(first, min(first + step, p))
                 rows = torch.arange(groups.start * g, groups.stop * g, device=self.device)
                 out = sample(ConditionedVelocity(self.velocity, cond.index(rows)), x1[rows], plan, self.noise,
-                             reduction=cfg.loss.reduction, keep_moments=cfg.loss.kl_beta > 0,
+                             reduction=cfg.loss.reduction, log_prob_form=cfg.loss.logprob_form,
                              generator=gens[groups.start : groups.stop] if s.noise_per_group else gens[0],
                              prefix_groups=g if s.shared_prefix else None, prune=make_pruning(plan, s, g))
                 out.kept = out.kept + groups.start * g  # rows of the whole batch
@@ -209,7 +201,12 @@ class GRPOTrainer:
             prompts, cond = [prompts[i] for i in out.kept.tolist()], cond.index(out.kept)
         trained_set = set(trained)
         positions = [i for i, k in enumerate(out.transitions.step_index) if k in trained_set]
-        return RolloutBatch(prompts, cond, out, images, positions, plan, group_size, rewards)
+        mask = None
+        if self.schedule.per_sample:  # each sample its own steps, drawn by its row in the whole batch
+            ids = [gi * g + j for gi in local for j in range(g)]
+            steps = [out.transitions.step_index[i] for i in positions]
+            mask = torch.from_numpy(self.schedule.sample_steps(iteration, ids)[:, steps])[out.kept.cpu()]
+        return RolloutBatch(prompts, cond, out, images, positions, plan, group_size, rewards, mask)
 
     def _decode_and_score(self, x0: torch.Tensor, prompts: list[str], score_now: bool):
         """Images of final samples (CPU, [0, 1]) and, when asked, every reward on them."""
@@ -231,14 +228,14 @@ class GRPOTrainer:
         """Group advantages; with ``loss.ovf_keep = k`` only the k members of each group whose
         combined reward has maximal variance (Pro-GRPO's OVF) get one, the rest are not trained."""
         loss, g = self.cfg.loss, group_size or self.cfg.group_size
+        options = dict(mode=loss.multi_reward_mode, std_mode=loss.std_mode, eps=loss.adv_eps, clip=loss.adv_clip,
+                       trimmed_ratio=loss.trimmed_ratio, unbiased=loss.std_unbiased)
         if loss.ovf_keep is None:
-            return multi_reward_advantages(rewards, self.cfg.reward_weights, g, mode=loss.multi_reward_mode,
-                                           std_mode=loss.std_mode, clip=loss.adv_clip)
+            return multi_reward_advantages(rewards, self.cfg.reward_weights, g, **options)
         weights = self.cfg.reward_weights
         total = sum(weights[n] * r for n, r in rewards.items()).view(-1, g)
         chosen = torch.cat([i * g + max_variance_subset(row, loss.ovf_keep) for i, row in enumerate(total)])
-        sub = multi_reward_advantages({n: r[chosen] for n, r in rewards.items()}, weights, loss.ovf_keep,
-                                      mode=loss.multi_reward_mode, std_mode=loss.std_mode, clip=loss.adv_clip)
+        sub = multi_reward_advantages({n: r[chosen] for n, r in rewards.items()}, weights, loss.ovf_keep, **options)
         advantages = torch.zeros(total.numel())
         valid = torch.zeros(total.numel(), dtype=torch.bool)
         advantages[chosen], valid[chosen] = sub.advantages, sub.valid
@@ -246,8 +243,10 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ update
     def update(self, batch: RolloutBatch, adv: Advantages) -> dict[str, float]:
-        """PPO-clipped loss on the trained steps only, gradients accumulated over
-        micro-batches of the samples that carry signal, one AdamW step per inner epoch."""
+        """The loss of :func:`~mixgrpo.core.objective.step_loss` on each sample's trained steps,
+        gradients accumulated over micro-batches of the samples that carry signal, one AdamW
+        step per inner epoch. Each sample's terms weigh ``1 / (n_valid * its trained steps)``:
+        the loss is the mean over samples of their mean over trained steps."""
         cfg, tr = self.cfg, batch.rollout.transitions
         valid = adv.valid.nonzero().squeeze(1).to(self.device)
         advantages = adv.advantages.to(self.device)
@@ -256,11 +255,12 @@ class GRPOTrainer:
         if n_valid == 0 or not batch.trained:
             return stats
         self.model.train()
-        chunks = [c for c in valid.split(cfg.optim.micro_batch) if c.numel()]  # none on a rank without signal
-        weight_per_sample = 1.0 / (n_valid * len(batch.trained))
+        mask = batch.sample_mask().to(self.device)  # (N, len(trained))
+        weight = 1.0 / (n_valid * mask.sum(1).clamp(min=1).double())  # per sample
         # DDP and FSDP average gradients over ranks; this loss is a sum over all ranks' samples
-        grad_weight = weight_per_sample * self.dist.world_size
-        work = [(s, idx) for s in batch.trained for idx in chunks]
+        chunks = [c for c in valid.split(cfg.optim.micro_batch) if c.numel()]  # none on a rank without signal
+        work = [(s, idx[mask[idx, j]]) for j, s in enumerate(batch.trained) for idx in chunks]
+        work = [(s, idx) for s, idx in work if idx.numel()]  # (trained position, its samples in a micro-batch)
         terms = 0
         for _ in range(cfg.optim.inner_epochs):
             self.optimizer.zero_grad(set_to_none=True)
@@ -277,20 +277,18 @@ class GRPOTrainer:
                 with sync:
                     cond = batch.cond.index(idx)
                     t_vec = torch.full((idx.numel(),), t, device=self.device)
-                    v = self.train_velocity(tr.x[s][idx], t_vec, cond)
-                    mean, std = sde_moments(tr.x[s][idx], v, t, t_next, self.noise)
-                    log_prob = gaussian_log_prob(tr.x_next[s][idx], mean, std, cfg.loss.reduction)
-                    loss, st = ppo_clip_loss(log_prob, tr.log_prob[s][idx], advantages[idx], cfg.loss.clip_range)
-                    if cfg.loss.kl_beta > 0:
+                    x = tr.x[s][idx]
+                    v = self.train_velocity(x, t_vec, cond)
+                    v_ref = None
+                    if self.loss_spec.kl_beta > 0:
                         with torch.no_grad():
-                            v_ref = self.velocity(tr.x[s][idx], t_vec, cond, reference=True)
-                            mean_ref, _ = sde_moments(tr.x[s][idx], v_ref, t, t_next, self.noise)
-                        kl = gaussian_kl(mean, mean_ref, std, cfg.loss.reduction).mean()
-                        loss = loss + cfg.loss.kl_beta * kl
-                        stats["kl"] += kl.item()
-                    (loss * idx.numel() * grad_weight).backward()
-                    stats["loss"] += loss.item() * idx.numel() * weight_per_sample
-                    for key in ("clip_frac", "approx_kl", "ratio_mean"):
+                            v_ref = self.velocity(x, t_vec, cond, reference=True)
+                    per_sample, st = step_loss(v, x, tr.x_next[s][idx], tr.log_prob[s][idx], advantages[idx], t, t_next,
+                                               self.noise, self.loss_spec, v_ref)
+                    loss = (per_sample * weight[idx].to(per_sample.dtype)).sum()
+                    (loss * self.dist.world_size).backward()
+                    stats["loss"] += loss.item()
+                    for key in ("clip_frac", "approx_kl", "ratio_mean", "kl"):
                         stats[key] += st[key].item()
                     terms += 1
             stats["loss"] = epoch_loss + sum_over_ranks(stats["loss"] - epoch_loss, self.dist)
@@ -351,7 +349,7 @@ class GRPOTrainer:
             **stats,
             "nonfinite_samples": int(bad.sum()),
             "window_start": min(batch.rollout.transitions.step_index[i] for i in batch.trained),
-            "trained_steps": len(batch.trained),
+            "trained_steps": int(batch.sample_mask().sum(1).max()) if batch.trained else 0,  # per sample
             "model_passes_per_image": self.measured_passes(batch),
             "zero_std_groups": adv.num_zero_variance_groups,
             "iter_time_s": time.perf_counter() - start,
@@ -385,26 +383,23 @@ class GRPOTrainer:
         return row, images
 
     # ------------------------------------------------------------------ state
-    def _param_names(self) -> list[str]:
-        return self.param_names
-
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Trained parameters (and their EMA as ``ema.<name>``), for checkpoints; whole tensors
         on the CPU (with FSDP a collective: every rank must call it)."""
         def whole(t: torch.Tensor) -> torch.Tensor:
             return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
 
-        state = {n: whole(p) for n, p in zip(self._param_names(), self.params, strict=True)}
+        state = {n: whole(p) for n, p in zip(self.param_names, self.params, strict=True)}
         if self.ema is not None:
-            state.update({f"ema.{n}": whole(e) for n, e in zip(self._param_names(), self.ema, strict=True)})
+            state.update({f"ema.{n}": whole(e) for n, e in zip(self.param_names, self.ema, strict=True)})
         return state
 
     def ema_by_name(self) -> dict[str, torch.Tensor] | None:
-        return None if self.ema is None else dict(zip(self._param_names(), self.ema, strict=True))
+        return None if self.ema is None else dict(zip(self.param_names, self.ema, strict=True))
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            for i, (name, p) in enumerate(zip(self._param_names(), self.params, strict=True)):
+            for i, (name, p) in enumerate(zip(self.param_names, self.params, strict=True)):
                 p.copy_(state[name])
                 if self.ema is not None:
                     self.ema[i].copy_(state[f"ema.{name}"])
