@@ -68,14 +68,14 @@ def plan_bench(
     if ablate is not None:
         if presets:
             raise ValueError("--ablate compares MixGRPO variants; drop --presets")
-        arms, title = ablation_arms(ablate, shared), f"MixGRPO ablation: {ablate}"
+        arms, title = ablation_arms(ablate, shared, base.get("group")), f"MixGRPO ablation: {ablate}"
     else:
-        arms, title = preset_arms(presets or base["presets"], shared), "Methods side by side"
+        arms, title = preset_arms(presets or base["presets"], shared, base.get("group")), "Methods side by side"
     if flux_shape is not None:
         title += (f" (FLUX-shaped: hidden {flux_shape.hidden_size}, {flux_shape.double_blocks} double + "
                   f"{flux_shape.single_blocks} single blocks, random weights: costs only, rewards are meaningless)")
     config = {"arms": [a.label for a in arms], "seeds": seeds, "iterations": iterations, "evals": evals,
-              "overrides": shared, "quick": quick, "ablate": ablate,
+              "overrides": shared, "quick": quick, "quick_group": base.get("group"), "ablate": ablate,
               "flux_shape": None if flux_shape is None else dataclasses.asdict(flux_shape)}
     return BenchPlan(out, arms, seeds, iterations, evals, title, config, flux_shape)
 
