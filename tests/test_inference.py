@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +14,10 @@ from mixgrpo.core.grids import uniform_grid
 from mixgrpo.data import PromptFileError, read_prompt_file
 from mixgrpo.inference import blended_velocity, generate_prompts, switch_step
 from mixgrpo.inference.policy import export_run, load_policy
-from mixgrpo.models.checkpoint import load_tiny_dit
+from mixgrpo.models.checkpoint import load_embedded
 from mixgrpo.text import cached_embeddings
 from mixgrpo.train.run import train
+from mixgrpo.world.grammar import heldout_eval_prompts
 from tiny_runs import make_tiny_checkpoint, tiny_config
 
 PROMPTS = ["two red circles", "a blue square left of a green triangle", "one yellow triangle"]
@@ -95,7 +97,7 @@ def test_exported_lora_adapter_reloads_bitwise_and_merged_weights_match(runs, tm
     assert {"r", "lora_alpha", "target_modules", "peft_type"} <= names
     assert torch.equal(_sample(load_policy(tmp_path / "adapter")), reference)
     export_run(runs["lora"], tmp_path / "merged", lora="merged")
-    merged = load_tiny_dit(tmp_path / "merged")  # a plain model: no adapter tensors left
+    merged = load_embedded(tmp_path / "merged")  # a plain model: no adapter tensors left
     assert not any("lora" in n for n in merged.state_dict())
     torch.testing.assert_close(_sample(load_policy(tmp_path / "merged")), reference, atol=1e-5, rtol=0)
 
@@ -157,11 +159,13 @@ def test_sample_cli_writes_a_grid_and_single_images(runs, tmp_path):
 def test_eval_cli_compares_checkpoints_and_blends(runs, tmp_path):
     out = tmp_path / "eval" / "result.json"
     result = runner.invoke(app, ["eval", "--checkpoint", str(runs["base"]), "--checkpoint", str(runs["full"]),
-                                 "--limit", "5", "--steps", "6", "--seeds", "2", "--blend", "0,0.5",
+                                 "--limit", "5", "--steps", "6", "--seeds", "2", "--blend", "0,0.5,1",
                                  "--rewards", "composition,test-train-brightness", "--out", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    assert len(data["results"]) == 4
+    assert [(Path(r["checkpoint"]).name, r["blend"]) for r in data["results"]] == [
+        (Path(runs["base"]).name, 0), (Path(runs["base"]).name, 0.5), (Path(runs["base"]).name, 1),
+        ("full", 0), ("full", 0.5), ("full", 1)]
     for row in data["results"]:
         assert row["n"] == 5 and row["seeds"] == 2 and len(row["per_prompt"]) == 5
         for stats in row["rewards"].values():
@@ -169,9 +173,25 @@ def test_eval_cli_compares_checkpoints_and_blends(runs, tmp_path):
         per_prompt = torch.tensor([p["composition"] for p in row["per_prompt"]])
         assert row["rewards"]["composition"]["mean"] == pytest.approx(per_prompt.mean().item(), abs=1e-5)
     table = out.with_suffix(".md").read_text()
-    assert table.count("\n") == 6 and "test-train-brightness" in table
-    # the base checkpoint blended with itself is the base checkpoint
-    assert data["results"][0]["rewards"] == data["results"][1]["rewards"]
+    assert table.count("\n") == 8 and "test-train-brightness" in table
+    # every row is sampled: scores of the seed-averaged images the CLI draws, recomputed here
+    chosen = heldout_eval_prompts()[:5]  # --prompts heldout --limit 5
+    brightness = {}
+    for spec, blend in [(Path(runs["base"]), 0.0), (runs["full"], 0.0), (runs["full"], 0.5), (runs["full"], 1.0)]:
+        policy = load_policy(spec)
+        images = [generate_prompts(policy, cached_embeddings(chosen), chosen, seed=k * 1_000_003, steps=6,
+                                   blend=blend, base=policy.base) for k in range(2)]
+        brightness[(spec.name, blend)] = torch.stack([im.mean((1, 2, 3)) for im in images]).mean(0)
+    rows = {(Path(r["checkpoint"]).name, r["blend"]): r for r in data["results"]}
+    for key, expected in brightness.items():
+        got = torch.tensor([p["test-train-brightness"] for p in rows[key]["per_prompt"]])
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    # a model blended with itself is itself; the fine-tune blended fully is its base
+    for name in ("composition", "test-train-brightness"):
+        assert rows[(Path(runs["base"]).name, 0.5)]["rewards"][name] == rows[(Path(runs["base"]).name, 0)]["rewards"][name]
+        assert rows[("full", 1)]["rewards"][name] == rows[(Path(runs["base"]).name, 0)]["rewards"][name]
+    assert rows[("full", 0)]["per_prompt"] != rows[(Path(runs["base"]).name, 0)]["per_prompt"]  # training changed it
+    assert rows[("full", 0.5)]["per_prompt"] not in (rows[("full", 0)]["per_prompt"], rows[("full", 1)]["per_prompt"])
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -202,3 +222,19 @@ def test_checkpoint_folders_without_weights_are_named(runs, tmp_path):
     (tmp_path / "run" / "config.yaml").write_text((runs["full"] / "config.yaml").read_text())
     with pytest.raises(FileNotFoundError, match="has no checkpoint yet"):
         load_policy(tmp_path / "run")
+
+
+def test_eval_reads_a_and_an_as_one(runs, tmp_path):
+    """"a red circle" is "one red circle" to the composition reward; "a red circles" is not."""
+    from mixgrpo.world.grammar import CountSpec, PromptError, parse_prompt
+
+    assert parse_prompt("a red circle") == parse_prompt("An  RED circle") == CountSpec(1, "red", "circle")
+    with pytest.raises(PromptError, match="singular noun"):
+        parse_prompt("a red circles")
+    (tmp_path / "p.txt").write_text("a red circle\none red circle\n")
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["eval", "--checkpoint", str(runs["base"]), "--prompts", str(tmp_path / "p.txt"),
+                                 "--steps", "4", "--rewards", "composition", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert [p["prompt"] for p in json.loads(out.read_text())["results"][0]["per_prompt"]] == [
+        "a red circle", "one red circle"]

@@ -226,8 +226,9 @@ def eval_(
     results = []
     total = len(policies) * len(blends) * seeds * len(chosen)
     try:
+        # transient: a prompt a reward refuses mid-run still ends in one line, no bar above it
         with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                      TimeElapsedColumn(), console=console) as progress:
+                      TimeElapsedColumn(), console=console, transient=True) as progress:
             task = progress.add_task("eval", total=total, info="")
             for policy in policies:
                 for b in blends:

@@ -41,10 +41,17 @@ def evaluate_policy(
     guidance: float = 1.0,
     on_images: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Sample every prompt ``seeds`` times (seed ``k`` for pass ``k``) and score each reward."""
+    """Sample every prompt ``seeds`` times (seed ``k`` for pass ``k``) and score each reward.
+
+    A reward with a ``check_prompts(prompts)`` method (raising ``ValueError`` for prompts it
+    cannot score) is asked first, so a bad prompt fails before any image is drawn."""
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     scorers = {name: get_reward(name) for name in rewards}
+    for reward in scorers.values():  # a reward that can refuse prompts does so before any sampling
+        check = getattr(reward, "check_prompts", None)
+        if callable(check):
+            check(list(prompts))
     embeddings = cached_embeddings(list(dict.fromkeys(prompts)))
     totals = {name: torch.zeros(len(prompts)) for name in rewards}
     for k in range(seeds):
