@@ -13,8 +13,8 @@ from mixgrpo.core.windows import WINDOW_SCHEDULES, make_window_schedule
 
 
 @st.composite
-def schedules(draw):
-    name = draw(st.sampled_from(WINDOW_SCHEDULES))
+def schedules(draw, names=WINDOW_SCHEDULES):
+    name = draw(st.sampled_from(names))
     num_steps = draw(st.integers(2, 40))
     trainable = num_steps - 1
     size = draw(st.integers(1, trainable))
@@ -60,19 +60,56 @@ def test_schedules_are_reproducible(schedule, iteration):
     assert schedule.steps(iteration) == same.steps(iteration)
 
 
+SLIDING = ("progressive", "decay", "exp_decay")
+
+
 @settings(max_examples=200, deadline=None, derandomize=True)
-@given(schedules())
-def test_sliding_windows_move_by_the_stride_and_respect_the_cap(schedule):
-    if schedule.name not in ("progressive", "decay", "exp_decay"):
-        return
-    starts = [schedule.start_at(i) for i in range(400)]
-    assert starts[0] == schedule.start
-    for prev, cur in itertools.pairwise(starts):
-        assert cur <= schedule.largest_start
-        moved = cur - prev
-        if schedule.rollback and cur == schedule.start and prev != cur:
-            continue  # rolled back to the start
-        assert moved == 0 or moved == schedule.stride or cur == schedule.largest_start
+@given(schedules(SLIDING))
+def test_sliding_windows_hold_each_position_for_its_interval_then_move_by_the_stride(schedule):
+    """``l <- min(l + s, l_max)`` after ``interval_at(l)`` iterations at ``l`` (or back to the
+    start past the cap with rollback), checked on every sliding schedule drawn."""
+    cap, start = schedule.largest_start, schedule.start
+    starts = [schedule.start_at(i) for i in range(600)]
+    assert starts[0] == start
+    single = start == cap or (schedule.rollback and start + schedule.stride > cap)
+    if single:
+        assert set(starts) == {start}  # one position only: the window never moves
+    runs = [(k, len(list(g))) for k, g in itertools.groupby(starts)]  # (position, iterations held)
+    for (pos, held), (nxt, _) in itertools.pairwise(runs):
+        assert held == schedule.interval_at(pos), (pos, held)  # every position lasts its interval
+        if schedule.rollback and pos + schedule.stride > cap:
+            assert nxt == start  # past the cap: back to the start
+        else:
+            assert nxt == min(pos + schedule.stride, cap)
+    last, held = runs[-1]
+    assert single or held <= schedule.interval_at(last) or (last == cap and not schedule.rollback)
+    if not schedule.rollback:
+        reached = sum(schedule.interval_at(p) for p, _ in runs[:-1])
+        if reached < 600:  # once at the cap the window stays there
+            assert runs[-1][0] == cap and all(x == cap for x in starts[reached:])
+    for i in (0, 7, 599):
+        assert schedule.steps(i) == tuple(range(starts[i], starts[i] + schedule.size))
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(schedules(tuple(n for n in WINDOW_SCHEDULES if n not in SLIDING)))
+def test_the_other_schedules_train_what_they_promise(schedule):
+    trainable = schedule.num_steps - 1
+    seen = [schedule.steps(i) for i in range(200)]
+    if schedule.name == "all":
+        assert set(seen) == {tuple(range(trainable))}
+    elif schedule.name == "random_subset":
+        assert {len(s) for s in seen} == {max(1, int(schedule.fraction * trainable))}
+        if 0 < len(seen[0]) < trainable:
+            assert len(set(seen)) > 1  # drawn afresh each iteration
+    elif schedule.name == "fixed":
+        assert set(seen) == {tuple(range(schedule.start, schedule.start + schedule.size))}
+    else:
+        low, high = ((schedule.start, schedule.largest_start + schedule.size) if schedule.name == "random"
+                     else (schedule.low, schedule.num_steps - 1 if schedule.high is None else schedule.high))
+        assert all(low <= s[0] and s[-1] < high for s in seen)
+        if high - low > schedule.size:  # more than one place the window fits: it moves
+            assert len({s[0] for s in seen}) > 1
 
 
 def test_progressive_matches_mixgrpo():
