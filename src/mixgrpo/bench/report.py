@@ -16,8 +16,9 @@ from .runner import ArmResult
 
 __all__ = ["PAPER_ITER_TIME_S", "mean_ci", "summarise", "write_report"]
 
-# MixGRPO paper (arXiv 2507.21802), FLUX on 32 A100s: seconds per training iteration
-PAPER_ITER_TIME_S = {"dance-grpo": 291.0, "mixgrpo": 151.0, "mixgrpo-flash": 83.0}
+# MixGRPO paper (arXiv 2507.21802 v7, Table 1), FLUX on 32 GPUs: seconds per training iteration
+# (NFE sampling/training: DanceGRPO 25/14, MixGRPO 25/4, Flash 16/4, Flash* 8/4)
+PAPER_ITER_TIME_S = {"dance-grpo": 291.3, "mixgrpo": 149.3, "mixgrpo-flash": 112.4, "mixgrpo-flash-star": 83.3}
 REFERENCE = "dance-grpo"
 
 
@@ -107,8 +108,8 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
         )
     seeds = rows[0]["seeds"]
     lines += ["", f"{len(seeds)} seed(s) {seeds}, {rows[0]['iterations']} iterations each, interleaved in one process; "
-              "± is a 95% t-interval over seeds. Paper: DanceGRPO 291 s, MixGRPO 151 s, MixGRPO-Flash 83 s per "
-              "iteration (FLUX, 32 A100)."]
+              "± is a 95% t-interval over seeds. Paper (v7 Table 1): DanceGRPO 291.3 s, MixGRPO 149.3 s, MixGRPO-Flash "
+              "112.4 s, MixGRPO-Flash* 83.3 s per iteration (FLUX, 32 GPUs)."]
     if any(r["peak_memory_gb"] is not None for r in rows):
         lines.append("Peak GPU memory per iteration (GiB): " + ", ".join(
             f"{r['preset']} {r['peak_memory_gb']:.1f}" for r in rows if r["peak_memory_gb"] is not None) + ".")
