@@ -23,10 +23,10 @@ import torch.distributed as dist
 __all__ = [
     "Dist",
     "all_gather_rows",
-
     "barrier",
     "check_distributed_config",
     "dist_from_environment",
+    "rank_device",
     "sum_over_ranks",
 ]
 
@@ -38,6 +38,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device: str = "cpu"  # this rank's device: where its collectives run (NCCL: its own GPU)
 
     @property
     def enabled(self) -> bool:
@@ -58,19 +59,36 @@ def elastic_restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
+def rank_device(device: str, local_rank: int, world_size: int) -> torch.device:
+    """The device a process trains on: ``cuda`` without an index means this rank's own GPU
+    (``cuda:LOCAL_RANK``) under several processes; anything else is taken as given."""
+    chosen = torch.device(device)
+    if chosen.type == "cuda" and chosen.index is None and world_size > 1:
+        return torch.device("cuda", local_rank)
+    return chosen
+
+
 def dist_from_environment(device: str = "cpu") -> Dist:
     """The torchrun environment as a :class:`Dist` (a single process without it); starts the
-    process group (NCCL on CUDA, gloo on the CPU) when there are several processes."""
+    process group (NCCL on CUDA, gloo on the CPU) when there are several processes.
+
+    On CUDA the rank's GPU (``cuda:LOCAL_RANK`` for ``device="cuda"``) becomes the current
+    device before the process group starts, so NCCL's communicators and every ``cuda``
+    tensor without an index land on it, not all on ``cuda:0``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist()
+        return Dist(device=str(rank_device(device, 0, 1)))
     missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} unset: launch with torchrun "
                          "(e.g. torchrun --nproc_per_node 2 -m mixgrpo train ...), which sets the rendezvous")
-    d = Dist(int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    chosen = rank_device(device, local_rank, world)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    d = Dist(int(os.environ["RANK"]), world, local_rank, str(chosen))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
     return d
 
 
@@ -86,16 +104,22 @@ def check_distributed_config(cfg, d: Dist) -> None:
                          "does not depend on the rank that samples it); add --set sampler.noise_per_group=true")
 
 
-def _wire(x: torch.Tensor) -> torch.Tensor:
-    """Where the backend can send ``x`` from (NCCL: the rank's GPU)."""
-    return x.cuda() if dist.get_backend() == "nccl" else x
+def _wire(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Where the backend can send ``x`` from: NCCL only moves tensors on the rank's own GPU
+    (``d.device``); gloo sends CPU tensors."""
+    if dist.get_backend() == "nccl":
+        target = torch.device(d.device)
+        if target.type != "cuda":
+            raise ValueError(f"rank {d.rank} runs NCCL collectives but its device is {d.device}; use model.device=cuda")
+        return x.to(target)
+    return x.cpu()
 
 
 def all_gather_rows(x: torch.Tensor, d: Dist) -> torch.Tensor:
     """Every rank's ``x`` (same shape on all ranks) concatenated in rank order along dim 0."""
     if not d.enabled:
         return x
-    sent = _wire(x.contiguous())
+    sent = _wire(x.contiguous(), d)
     parts = [torch.empty_like(sent) for _ in range(d.world_size)]
     dist.all_gather(parts, sent)
     return torch.cat(parts).to(x.device)
@@ -109,6 +133,6 @@ def barrier(d: Dist) -> None:
 def sum_over_ranks(value: float, d: Dist) -> float:
     if not d.enabled:
         return value
-    t = _wire(torch.tensor([value], dtype=torch.float64))
+    t = _wire(torch.tensor([value], dtype=torch.float64), d)
     dist.all_reduce(t)
     return t.item()

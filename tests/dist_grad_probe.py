@@ -1,0 +1,55 @@
+"""Run under torchrun by tests/test_distributed.py: one GRPO iteration of the config in
+argv[1] (plus ``key=value`` overrides in argv[3:]), once with DDP and once with FSDP in the
+same process group; rank 0 writes every trainable parameter's gradient at the first
+optimizer step (after the all-reduce, full tensors) to argv[2] as ``ddp/<name>`` and
+``fsdp/<name>``. In one process (no torchrun) it writes the single-process gradients as
+``one/<name>``."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from mixgrpo.train.config import apply_overrides, config_from_dict
+from mixgrpo.train.distributed import dist_from_environment
+from mixgrpo.train.trainer import GRPOTrainer
+
+
+def first_step_gradients(cfg, d) -> dict[str, torch.Tensor]:
+    trainer = GRPOTrainer(cfg, dist=d)
+    captured: dict[str, torch.Tensor] = {}
+    step = trainer.optimizer.step
+
+    def capture(*args, **kwargs):
+        if not captured:
+            for name, p in zip(trainer.param_names, trainer.params, strict=True):
+                g = p.grad
+                if g is None:  # a parameter this iteration's loss does not reach
+                    continue
+                g = g.full_tensor() if hasattr(g, "full_tensor") else g  # FSDP: a collective
+                captured[name] = g.detach().float().cpu().clone()
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = capture
+    trainer.step(0)
+    assert captured, "no optimizer step ran"
+    return captured
+
+
+def main(config: str, out: str, *overrides: str) -> None:
+    base = apply_overrides(config_from_dict(yaml.safe_load(open(config).read())), list(overrides))
+    d = dist_from_environment(base.model.device)
+    grads = {}
+    modes = ["ddp", "fsdp"] if d.enabled else ["one"]
+    for mode in modes:
+        cfg = apply_overrides(base, [f"parallel={mode if mode != 'one' else 'ddp'}"])
+        grads.update({f"{mode}/{k}": v for k, v in first_step_gradients(cfg, d).items()})
+    if d.is_main:
+        save_file(grads, out)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
