@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MAX_TOKENS", "TEXT_DIM", "PromptEmbeddings", "cached_embeddings", "encode_prompts", "encoder_path"]
 
@@ -96,25 +101,55 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MIXGRPO_CACHE", Path.home() / ".cache" / "mixgrpo")) / "text"
 
 
+def _read_cache(path: Path, prompts: list[str]) -> PromptEmbeddings | None:
+    """The cached embeddings of ``prompts`` in ``path``; None when the file is missing, cut
+    short, not safetensors, or holds other shapes (it is then rebuilt). Other errors rise."""
+    try:
+        data = load_file(path)
+    except FileNotFoundError:
+        return None
+    except SafetensorError as err:
+        log.warning("embedding cache %s is unreadable (%s); re-encoding it", path, err)
+        return None
+    n = len(prompts)
+    shapes = {k: tuple(v.shape) for k, v in data.items()}
+    if (shapes.get("tokens", (None,))[:1] != (n,) or shapes.get("mask", (None,))[:1] != (n,)
+            or shapes.get("pooled") != (n, TEXT_DIM)):
+        log.warning("embedding cache %s holds shapes %s, not %d prompts; re-encoding it", path, shapes, n)
+        return None
+    return PromptEmbeddings(list(prompts), data["tokens"], data["mask"].bool(), data["pooled"])
+
+
+def _write_cache(path: Path, emb: PromptEmbeddings) -> None:
+    """Write through a temporary file of this process's own and rename it into place: ranks
+    (or runs) that encode the same prompts at once never write into one file, and a reader
+    sees either no file or a complete one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"tokens": emb.tokens.contiguous(), "mask": emb.mask.to(torch.uint8),
+                   "pooled": emb.pooled.contiguous()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def cached_embeddings(prompts: list[str], cache_dir: Path | None = None) -> PromptEmbeddings:
     """Embeddings of ``prompts``, from ``cache_dir`` when present, else encoded and saved.
 
-    A corrupt cache file is re-encoded and overwritten (it holds nothing that cannot be
-    recomputed).
+    A cache file that is not readable safetensors of the right shapes is re-encoded and
+    replaced (it holds nothing that cannot be recomputed); any other error (a folder that
+    cannot be read or written) is raised, never swallowed.
     """
     if not prompts:
         raise ValueError("no prompts to encode")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache_dir / f"minilm-{_cache_key(prompts)}.safetensors"
-    if path.exists():
-        try:
-            data = load_file(path)
-            return PromptEmbeddings(list(prompts), data["tokens"], data["mask"].bool(), data["pooled"])
-        except Exception:
-            path.unlink(missing_ok=True)
+    cached = _read_cache(path, prompts)
+    if cached is not None:
+        return cached
     emb = encode_prompts(prompts)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"tokens": emb.tokens.contiguous(), "mask": emb.mask.to(torch.uint8), "pooled": emb.pooled.contiguous()}, tmp)
-    os.replace(tmp, path)
+    _write_cache(path, emb)
     return emb
