@@ -16,12 +16,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
 from ..models.diffusers_io import load_transformer
 from ..models.lora import add_lora, lora_config, merged_state_dict
-from ..train.config import config_from_dict
 from .policy import latest_run_weights, load_named, pick_weights
+from .runs import read_run_model
 
 __all__ = ["LORA_WEIGHTS", "export_diffusers_run"]
 
@@ -34,8 +32,7 @@ def export_diffusers_run(run: Path, out: Path, *, lora: str, ema: bool = True) -
     """Write the run's trained transformer (or its LoRA) to ``out``; see the module doc."""
     import diffusers
 
-    cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
-    m = cfg.model
+    m = read_run_model(run)
     transformer_class, pipeline_class = _CLASSES[m.kind]
     ckpt, state = latest_run_weights(run)
     weights, which = pick_weights(state, ema)
