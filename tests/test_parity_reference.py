@@ -23,6 +23,9 @@ from mixgrpo.rewards.preference import hps_preprocess, projected
 
 REFERENCE = Path(__file__).parent / "parity" / "reference.json"
 OPEN_CLIP_TOKENIZER = Path(__file__).parents[1] / ".venv-official" / "clip-tokenizer"
+# max |ours - official| allowed, as the README states it; measured on the CPU: HPS 1.2e-7,
+# ImageReward 8.9e-8 (scores of size 0.2-0.35: a few float32 ulps, summation order only)
+TOL = {"hps": 1.5e-7, "imagereward": 1e-7}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,7 @@ def test_hps_matches_the_official_hpsv2_scores(reference):
         f_img = F.normalize(projected(model.get_image_features(pixel_values=pixels)), dim=-1)
         f_txt = F.normalize(projected(model.get_text_features(input_ids=torch.tensor(r["token_ids"]))), dim=-1)
     ours = (f_img * f_txt).sum(-1)
-    assert (ours - torch.tensor(r["official"])).abs().max() <= 1e-4
+    assert (ours - torch.tensor(r["official"])).abs().max() <= TOL["hps"]
 
 
 def test_hps_end_to_end_with_a_tokenizer_made_from_open_clips_bpe(reference, tmp_path):
@@ -56,7 +59,7 @@ def test_hps_end_to_end_with_a_tokenizer_made_from_open_clips_bpe(reference, tmp
                                 return_tensors="pt")["input_ids"]
     for i, end in enumerate(ids.argmax(-1).tolist()):  # through end-of-text; padding after it never counts
         assert torch.equal(ours_ids[i, : end + 1], ids[i, : end + 1])
-    assert (reward(parity_images(), PROMPTS) - torch.tensor(r["official"])).abs().max() <= 1e-4
+    assert (reward(parity_images(), PROMPTS) - torch.tensor(r["official"])).abs().max() <= TOL["hps"]
 
 
 def test_imagereward_matches_the_official_scores(reference, tmp_path):
@@ -66,4 +69,4 @@ def test_imagereward_matches_the_official_scores(reference, tmp_path):
     (tmp_path / "bert" / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
     reward = get_reward("imagereward", path=str(tmp_path / "ImageReward.pt"), tokenizer=str(tmp_path / "bert"))
     ours = reward(parity_images(), PROMPTS)
-    assert (ours - torch.tensor(r["official"])).abs().max() <= 1e-4
+    assert (ours - torch.tensor(r["official"])).abs().max() <= TOL["imagereward"]
