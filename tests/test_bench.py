@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from mixgrpo.bench.arms import ablation_arms, compression_for_steps, preset_arms, split_presets
@@ -213,7 +214,8 @@ def test_flux_shaped_gpu_mode_runs_the_real_model_path(tmp_path):
     rows = run_bench(plan)
     assert [r["preset"] for r in rows] == ["dance-grpo", "mixgrpo"]
     assert rows[1]["model_passes_per_image"] < rows[0]["model_passes_per_image"]
-    assert all(r["peak_memory_gb"] is None and r["iter_time_s"] > 0 for r in rows)
+    cuda = torch.cuda.is_available()  # the FLUX-shaped arms train on the GPU when there is one
+    assert all((r["peak_memory_gb"] is None) != cuda and r["iter_time_s"] > 0 for r in rows)
     config = json.loads((tmp_path / "gpu" / "model" / "pipe" / "transformer" / "config.json").read_text())
     assert (config["num_layers"], config["num_single_layers"], config["joint_attention_dim"]) == (1, 1, 4096)
 
