@@ -51,7 +51,7 @@ CASES = [
     ("preprocess --model emptydir --prompts p.txt --out OUT", "not a diffusers pipeline folder"),
     ("preprocess --model emptydir --prompts empty.txt --out OUT", "holds no prompts"),
     ("pretrain --out OUT --steps 0", "must be >= 1"),
-    ("pretrain --out OUT --width 30 --heads 4", "divisible by heads"),
+    ("pretrain --out OUT --architecture tiny-dit --width 30 --heads 4", "divisible by heads"),
 ]
 
 
