@@ -8,6 +8,7 @@ optimizer step (after the all-reduce, full tensors) to argv[2] as ``ddp/<name>``
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 import yaml
@@ -40,7 +41,7 @@ def first_step_gradients(cfg, d) -> dict[str, torch.Tensor]:
 
 
 def main(config: str, out: str, *overrides: str) -> None:
-    base = apply_overrides(config_from_dict(yaml.safe_load(open(config).read())), list(overrides))
+    base = apply_overrides(config_from_dict(yaml.safe_load(Path(config).read_text())), list(overrides))
     d = dist_from_environment(base.model.device)
     grads = {}
     modes = ["ddp", "fsdp"] if d.enabled else ["one"]

@@ -21,10 +21,10 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from mixgrpo.core.sampler import mixed_plan, sample  # noqa: E402
-from mixgrpo.models.flux import FluxCondition, FluxVelocityModel, pack_latents, unpack_latents  # noqa: E402
-from mixgrpo.models.sd3 import SD3Condition, SD3VelocityModel  # noqa: E402
-from tiny_pipelines import make_tiny_flux_pipeline, make_tiny_sd3_pipeline  # noqa: E402
+from mixgrpo.core.sampler import mixed_plan, sample
+from mixgrpo.models.flux import FluxCondition, FluxVelocityModel, pack_latents, unpack_latents
+from mixgrpo.models.sd3 import SD3Condition, SD3VelocityModel
+from tiny_pipelines import make_tiny_flux_pipeline, make_tiny_sd3_pipeline
 
 PROMPTS = ["two red circles", "a photo of a cat"]
 SIDE, LATENT = 16, 8  # pixels; the tiny VAE downsamples by 2
