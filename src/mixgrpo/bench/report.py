@@ -14,7 +14,7 @@ from typing import Any
 from ..viz import save_curve
 from .runner import ArmResult
 
-__all__ = ["PAPER_ITER_TIME_S", "mean_ci", "summarise", "write_report"]
+__all__ = ["PAPER_ITER_TIME_S", "mean_ci", "paired_difference", "summarise", "write_report"]
 
 # MixGRPO paper (arXiv 2507.21802 v7, Table 1), FLUX on 32 GPUs: seconds per training iteration
 # (NFE sampling/training: DanceGRPO 25/14, MixGRPO 25/4, Flash 16/4, Flash* 8/4)
@@ -31,6 +31,29 @@ def mean_ci(values: list[float]) -> dict[str, float | None]:
 
     half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
     return {"mean": mean, "ci95": half}
+
+
+def paired_difference(runs: list[ArmResult], reference: list[ArmResult]) -> dict[str, Any] | None:
+    """Final held-out ``composition`` of ``runs`` minus ``reference``'s, paired by seed and prompt.
+
+    With ``d[s, p]`` the difference for seed ``s`` and prompt ``p`` (same prompts, same
+    evaluation noise, the same training seed in both arms):
+
+    - ``seeds``: mean over seeds of ``mean_p d[s, p]`` with a Student-t 95% half-width over
+      seeds (the training randomness; ``None`` with one seed);
+    - ``prompts_ci95``: the 95% half-width over prompts of ``mean_s d[s, p]`` (the evaluation
+      noise alone, for the seeds run).
+
+    ``None`` when the evaluations carry no per-prompt scores (not the embedded world).
+    """
+    by_seed = {r.seed: r.evals[-1][2].get("per_prompt") for r in reference}
+    pairs = [(r.evals[-1][2].get("per_prompt"), by_seed.get(r.seed)) for r in runs]
+    if not pairs or any(a is None or b is None or len(a) != len(b) for a, b in pairs):
+        return None
+    per_seed = [statistics.fmean(x - y for x, y in zip(a, b, strict=True)) for a, b in pairs]
+    per_prompt = [statistics.fmean(a[p] - b[p] for a, b in pairs) for p in range(len(pairs[0][0]))]
+    half = 1.96 * statistics.stdev(per_prompt) / len(per_prompt) ** 0.5 if len(per_prompt) > 1 else None
+    return {"seeds": mean_ci(per_seed), "prompts_ci95": half, "prompts": len(per_prompt)}
 
 
 def _curve(runs: list[ArmResult]) -> list[tuple[int, float, float]]:
@@ -75,6 +98,8 @@ def summarise(results: list[ArmResult]) -> list[dict[str, Any]]:
             "final_eval_reward": mean_ci([f["reward_mean"] for f in finals]),
             "reward_gain": mean_ci([r.evals[-1][2]["reward_mean"] - r.evals[0][2]["reward_mean"] for r in runs]),
             "final_eval_rewards": {k.removeprefix("reward_"): mean_ci([f[k] for f in finals]) for k in reward_names},
+            "paired_vs_dance_grpo": (paired_difference(runs, by_label[REFERENCE])
+                                     if REFERENCE in by_label and label != REFERENCE else None),
             "target_reward": target,
             "time_to_target_s": reached[0] if reached else None,
             "train_time_s": statistics.fmean(r.train_seconds for r in runs),
@@ -94,21 +119,25 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
     lines = [
         f"## {title}", "",
         "| preset | passes/image | iter time (s) | time ratio vs DanceGRPO | paper ratio (FLUX) | held-out reward | gain | "
-        "time to DanceGRPO's reward (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "paired Δ vs DanceGRPO (± seeds; ± prompts) | time to DanceGRPO's reward (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = "—" if r["time_ratio_vs_dance_grpo"] is None else f"{r['time_ratio_vs_dance_grpo']:.3f}"
         paper = "—" if r["paper_time_ratio"] is None else f"{r['paper_time_ratio']:.3f}"
         ttt = "—" if r["target_reward"] is None else (
             "never" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.0f}")
+        paired = r.get("paired_vs_dance_grpo")
+        delta = "—" if paired is None else (
+            f"{_fmt(paired['seeds'])}" + ("" if paired["prompts_ci95"] is None else f"; ± {paired['prompts_ci95']:.3f}"))
         lines.append(
             f"| {r['preset']} | {r['model_passes_per_image']:.1f} | {r['iter_time_s']:.2f} | {ratio} | {paper} | "
-            f"{_fmt(r['final_eval_reward'])} | {_fmt(r['reward_gain'])} | {ttt} |"
+            f"{_fmt(r['final_eval_reward'])} | {_fmt(r['reward_gain'])} | {delta} | {ttt} |"
         )
     seeds = rows[0]["seeds"]
     lines += ["", f"{len(seeds)} seed(s) {seeds}, {rows[0]['iterations']} iterations each, interleaved in one process; "
-              "± is a 95% t-interval over seeds. Paper (v7 Table 1): DanceGRPO 291.3 s, MixGRPO 149.3 s, MixGRPO-Flash "
+              "± is a 95% t-interval over seeds; the paired Δ is the final held-out composition minus DanceGRPO's for the same "
+              "seed, prompts and evaluation noise (± over seeds, then ± over prompts). Paper (v7 Table 1): DanceGRPO 291.3 s, MixGRPO 149.3 s, MixGRPO-Flash "
               "112.4 s, MixGRPO-Flash* 83.3 s per iteration (FLUX, 32 GPUs)."]
     if any(r["peak_memory_gb"] is not None for r in rows):
         lines.append("Peak GPU memory per iteration (GiB): " + ", ".join(

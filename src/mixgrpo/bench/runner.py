@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..rewards import get_reward
 from ..train.config import TrainConfig
 from ..train.trainer import GRPOTrainer
 
@@ -53,6 +54,16 @@ def eval_points(iterations: int, evals: int) -> list[int]:
     return sorted({0, *points})
 
 
+def _evaluate(trainer: GRPOTrainer) -> dict[str, Any]:
+    """The trainer's held-out row plus, on the embedded world, each prompt's ``composition``
+    (``per_prompt``): arms share the seed, the prompts and the evaluation noise, so
+    differences between arms can be paired prompt by prompt."""
+    row, images = trainer.evaluate()
+    if trainer.backend.embedded_world:
+        row["per_prompt"] = get_reward("composition")(images, trainer.eval_prompts).tolist()
+    return row
+
+
 def run_arms(
     arms: list[Arm], seeds: list[int], iterations: int, *, evals: int = 4,
     on_progress: Callable[[str, int], None] | None = None,
@@ -71,7 +82,7 @@ def run_arms(
         key = (trainer.cfg.model.checkpoint, trainer.cfg.eval_prompts, json.dumps(trainer.cfg.rewards, sort_keys=True),
                trainer.cfg.sampler.num_steps, trainer.cfg.sampler.shift, trainer.cfg.sampler.guidance)
         if key not in start_eval:
-            start_eval[key] = trainer.evaluate()[0]
+            start_eval[key] = _evaluate(trainer)
         result.evals.append((0, 0.0, start_eval[key]))
     for iteration in range(iterations):
         shift = iteration % len(jobs)
@@ -90,7 +101,7 @@ def run_arms(
             result.model_passes.append(row["model_passes_per_image"])
             result.train_rewards.append(row["reward_mean"])
             if iteration + 1 in points:
-                result.evals.append((iteration + 1, result.train_seconds, trainer.evaluate()[0]))
+                result.evals.append((iteration + 1, result.train_seconds, _evaluate(trainer)))
             if on_progress is not None:
                 on_progress(result.label, iteration)
     return [result for result, _ in jobs]
