@@ -238,3 +238,15 @@ def test_eval_reads_a_and_an_as_one(runs, tmp_path):
     assert result.exit_code == 0, result.output
     assert [p["prompt"] for p in json.loads(out.read_text())["results"][0]["per_prompt"]] == [
         "a red circle", "one red circle"]
+
+
+def test_run_summary_reports_every_evaluated_reward_by_name(runs):
+    """summary.json names each reward the evaluation reported (no names hard-coded in the
+    run code): the configured one and the embedded world's composition and flatness."""
+    evals = [json.loads(x) for x in (runs["full"] / "eval.jsonl").read_text().splitlines()]
+    summary = json.loads((runs["full"] / "summary.json").read_text())
+    names = {k.removeprefix("reward_") for k in evals[-1] if k.startswith("reward_")} - {"mean"}
+    assert names >= {"test-train-brightness", "composition", "flatness"}
+    for name in names:
+        assert summary[f"initial_eval_{name}"] == evals[0][f"reward_{name}"]
+        assert summary[f"final_eval_{name}"] == evals[-1][f"reward_{name}"]
