@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from mixgrpo.models.checkpoint import save_tiny_dit
+from mixgrpo.models.checkpoint import save_embedded
 from mixgrpo.models.tiny_dit import TinyDiT, TinyDiTConfig
 from mixgrpo.rewards import register_reward
 from mixgrpo.train.config import TrainConfig, apply_overrides
@@ -30,7 +30,7 @@ def make_tiny_checkpoint(folder: Path) -> str:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    return str(save_tiny_dit(model, folder))
+    return str(save_embedded(model, folder))
 
 
 def tiny_config(checkpoint: str, preset: str = "mixgrpo", *extra: str) -> TrainConfig:

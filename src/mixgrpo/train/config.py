@@ -168,8 +168,8 @@ class OptimConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "tiny-dit"  # tiny-dit (embedded) | flux | sd3 (diffusers, from local folders)
-    checkpoint: str | None = None  # tiny-dit: model folder; None = the shipped embedded base
+    kind: str = "embedded"  # embedded (the tiny model; "tiny-dit" is an old alias) | flux | sd3 (diffusers, local folders)
+    checkpoint: str | None = None  # embedded: model folder; None = the shipped embedded base
     path: str | None = None  # flux/sd3: local diffusers pipeline folder
     embeddings: str | None = None  # flux/sd3: `mixgrpo preprocess` output of the training prompts
     eval_embeddings: str | None = None  # flux/sd3: same for evaluation prompts (default: `embeddings`)
@@ -183,9 +183,11 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # recompute block activations in backward (less memory, ~30% slower)
 
     def validate(self) -> None:
-        if self.kind not in ("tiny-dit", "flux", "sd3"):
-            raise ValueError(f"model.kind must be tiny-dit, flux or sd3, got {self.kind!r}")
-        if self.kind != "tiny-dit" and (not self.path or not self.embeddings):
+        if self.kind == "tiny-dit":  # the first round's name, kept so old run folders load
+            self.kind = "embedded"
+        if self.kind not in ("embedded", "flux", "sd3"):
+            raise ValueError(f"model.kind must be embedded, flux or sd3, got {self.kind!r}")
+        if self.kind != "embedded" and (not self.path or not self.embeddings):
             raise ValueError(f"model.kind={self.kind} needs model.path (a local pipeline folder) and model.embeddings "
                              "(run `mixgrpo preprocess` first)")
         if self.image_size < 8:
@@ -243,7 +245,7 @@ class TrainConfig:
         if self.rewards_in_background and self.sampler.groups_per_call is None:
             raise ValueError("rewards_in_background overlaps scoring with sampling of the next chunk: set "
                              "sampler.groups_per_call (and sampler.noise_per_group: true)")
-        if self.sampler.shift == "scheduler" and self.model.kind == "tiny-dit":
+        if self.sampler.shift == "scheduler" and self.model.kind == "embedded":
             raise ValueError("sampler.shift=scheduler reads a diffusers pipeline's scheduler config; the embedded "
                              "model has none, give a number (e.g. 3)")
         if self.iterations < 1 or self.prompts_per_iter < 1:
