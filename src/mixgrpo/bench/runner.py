@@ -59,7 +59,7 @@ def _evaluate(trainer: GRPOTrainer) -> dict[str, Any]:
     (``per_prompt``): arms share the seed, the prompts and the evaluation noise, so
     differences between arms can be paired prompt by prompt."""
     row, images = trainer.evaluate()
-    if trainer.backend.embedded_world:
+    if "composition" in trainer.backend.eval_rewards:
         row["per_prompt"] = get_reward("composition")(images, trainer.eval_prompts).tolist()
     return row
 

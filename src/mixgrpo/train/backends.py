@@ -36,7 +36,11 @@ class Backend:
     decode: Callable[[torch.Tensor], torch.Tensor]  # final samples -> images (B, 3, H, W) in [0, 1]
     lora_module: nn.Module  # where a LoRA adapter goes
     lora_targets: list[str] | None  # None = the module's defaults
-    embedded_world: bool  # the procedural world: evaluations also report composition and flatness
+    # rewards every held-out evaluation reports besides the training ones (the embedded world:
+    # composition and flatness, so hacking one shows in the other), and those whose score 1
+    # means "fully correct" (their exact rate is reported too)
+    eval_rewards: tuple[str, ...] = ()
+    exact_rewards: tuple[str, ...] = ()
     scheduler_shift: float | None = None  # the time shift the model's scheduler config implies (flux/sd3)
 
 
@@ -77,7 +81,7 @@ def _embedded(cfg: TrainConfig, model: nn.Module | None) -> Backend:
     embeddings = cached_embeddings(train + heldout)
     return Backend(model, train, heldout_eval_prompts(min(cfg.eval_prompts, len(heldout))),
                    lambda prompts: condition(embeddings, prompts), pixels_from_samples, model,
-                   cfg.model.lora_targets or None, True)
+                   cfg.model.lora_targets or None, ("composition", "flatness"), ("composition",))
 
 
 def _vae_decoder(pipeline_dir: Path, device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
@@ -166,7 +170,7 @@ def _diffusers(cfg: TrainConfig) -> Backend:
 
     shift = scheduler_shift(folder, m.image_size // factor) if cfg.sampler.shift == "scheduler" else None
     return Backend(model, train, evals[: cfg.eval_prompts], conditions, decode, transformer,
-                   m.lora_targets or targets, False, shift)
+                   m.lora_targets or targets, scheduler_shift=shift)
 
 
 def make_backend(cfg: TrainConfig, model: nn.Module | None = None) -> Backend:

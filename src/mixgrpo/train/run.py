@@ -229,14 +229,14 @@ def _tensorboard(folder: Path):
 def _summarise(out: Path, cfg: TrainConfig, trainer: GRPOTrainer, wall: float) -> dict[str, Any]:
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines() if x.strip()]
-    names = [k.removeprefix("reward_") for k in evals[-1] if k.startswith("reward_") and k != "reward_mean"]
+    names = [k for k in evals[-1] if (k.startswith("reward_") and k != "reward_mean") or k.startswith("exact_")]
     summary = {
         "preset": cfg.preset,
         "iterations": cfg.iterations,
         "initial_eval_reward": evals[0]["reward_mean"],
         "final_eval_reward": evals[-1]["reward_mean"],
         # every reward the evaluation reported (the backend decides which), by name
-        **{f"{when}_eval_{name}": row.get(f"reward_{name}") for name in names
+        **{f"{when}_eval_{name.removeprefix('reward_')}": row.get(name) for name in names
            for when, row in (("initial", evals[0]), ("final", evals[-1]))},
         "eval_gain": evals[-1]["reward_mean"] - evals[0]["reward_mean"],
         "wall_time_s": round(wall, 1),

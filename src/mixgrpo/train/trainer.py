@@ -359,17 +359,16 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, *, seed: int = 0) -> tuple[dict[str, Any], torch.Tensor]:
-        """Held-out prompts, one deterministic ODE sample each, scored by every training
-        reward plus ``composition`` and ``flatness``. Returns the row and the images."""
+        """Held-out prompts, one deterministic ODE sample each, scored by every training reward
+        plus the backend's evaluation rewards (``reward_<name>``; ``exact_<name>`` = share of
+        images scoring 1 for its exact rewards). Returns the row and the images."""
         self.model.eval()
         s = self.cfg.sampler
         with self.autocast:
             images = generate_prompts(self.model, self.backend.condition, self.eval_prompts, seed=seed,
                                       steps=s.num_steps, shift=s.shift, guidance=s.guidance, decode=self.backend.decode,
                                       device=self.device)
-        # the embedded rewards are always reported, so reward hacking shows (e.g. noise
-        # that composition ignores lowers flatness)
-        names = dict.fromkeys([*self.cfg.rewards, *(("composition", "flatness") if self.backend.embedded_world else ())])
+        names = dict.fromkeys([*self.cfg.rewards, *self.backend.eval_rewards])
         finite = torch.isfinite(images).flatten(1).all(1)
         clean = torch.nan_to_num(images, nan=0.0)
         rewards = {n: score(self.rewards.get(n) or get_reward(n), clean, self.eval_prompts, allow_nonfinite=True)
@@ -379,6 +378,7 @@ class GRPOTrainer:
         # means over the images every reward could score; `nonfinite` says how many could not
         ok = finite & torch.stack([torch.isfinite(r) for r in rewards.values()]).all(0)
         row = {"reward_mean": total[ok].mean().item(), **{f"reward_{n}": r[ok].mean().item() for n, r in rewards.items()},
+               **{f"exact_{n}": (rewards[n][ok] == 1).float().mean().item() for n in self.backend.exact_rewards},
                "n": len(self.eval_prompts), "nonfinite": int((~ok).sum())}
         return row, images
 
