@@ -10,6 +10,17 @@ loss being normalised by the *global* number of trained samples: the update equa
 single-process one. With ``sampler.noise_per_group`` every
 group's noise comes from (seed, iteration, group) whatever rank draws it, so a 2-process run
 reproduces the 1-process run.
+
+Restarts (``torchrun --max-restarts``): torchrun keeps one TCP store for the whole job (the
+agent's rendezvous store, shared with the workers since torch 2.4) and hands the restarted
+workers the same ``MASTER_PORT``, but the keys of the failed attempt are still in it. The
+process group's bootstrap keys (gloo's per-rank listening addresses, the store-based
+barrier's counter) have fixed names, so a restarted rank could read the *dead* peer's
+address before the new peer overwrote it and fail with "Gloo connectFullMesh failed ...
+Connection refused" (or pass the barrier on a stale count). :func:`dist_from_environment`
+therefore starts the process group on a store prefixed by the restart attempt
+(``mixgrpo/attempt_<TORCHELASTIC_RESTART_COUNT>/``): every attempt bootstraps from keys of
+its own.
 """
 
 from __future__ import annotations
@@ -88,8 +99,16 @@ def dist_from_environment(device: str = "cpu") -> Dist:
         torch.cuda.set_device(chosen)
     d = Dist(int(os.environ["RANK"]), world, local_rank, str(chosen))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", store=_attempt_store(d.rank, world),
+                                rank=d.rank, world_size=world)
     return d
+
+
+def _attempt_store(rank: int, world: int) -> dist.Store:
+    """The ``env://`` store (torchrun's agent store, or one rank 0 hosts) with this restart
+    attempt's prefix, so no key of an earlier attempt is ever read (see the module doc)."""
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world))
+    return dist.PrefixStore(f"mixgrpo/attempt_{elastic_restart_count()}", store)
 
 
 def check_distributed_config(cfg, d: Dist) -> None:
