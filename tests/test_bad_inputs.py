@@ -42,6 +42,10 @@ CASES = [
     ("eval --out OUT --limit 0", "--limit must be >= 1"),
     ("eval --out OUT --prompts outside.txt --rewards composition --steps 2", "outside the embedded grammar"),
     ("export --run nowhere --out OUT", "not a run folder"),
+    ("export --run damaged --out OUT", "checkpoint iter_000001 is damaged (weights.safetensors: checksum mismatch)"),
+    ("train --out damaged --resume", "no intact checkpoint is left"),
+    ("sample --out OUT --prompt 'two red circles' --checkpoint damaged", "iter_000001 is damaged"),
+    ("eval --out OUT --checkpoint damaged", "no intact checkpoint is left"),
     ("bench --out OUT --ablate lr", "unknown ablation 'lr'"),
     ("bench --out OUT --ablate window --presets mixgrpo", "drop --presets"),
     ("bench --out OUT --presets mixgrpo,dance", "unknown preset 'dance'"),
@@ -65,7 +69,25 @@ def workdir(tmp_path, monkeypatch):
     (tmp_path / "nofield.json").write_text('[{"prompt": "two red circles"}, {"text": "x"}]')
     (tmp_path / "outside.txt").write_text("a red circle\na red circle please\n")  # the first is in the grammar
     (tmp_path / "emptydir").mkdir()
+    _damaged_run(tmp_path / "damaged")
     return tmp_path
+
+
+def _damaged_run(folder):
+    """A run folder whose only checkpoint fails its checksum."""
+    import json
+
+    import yaml
+
+    from mixgrpo.train.config import config_to_dict
+    from mixgrpo.train.presets import make_preset
+
+    ckpt = folder / "checkpoints" / "iter_000001"
+    ckpt.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config_to_dict(make_preset("mixgrpo"))))
+    (ckpt / "weights.safetensors").write_bytes(b"not what was written")
+    (ckpt / "state.json").write_text(json.dumps({"iteration": 1, "checksums": {"weights.safetensors": "0" * 64}}))
+    (folder / "checkpoints" / "latest.json").write_text(json.dumps({"iteration": 1, "path": "iter_000001"}))
 
 
 def test_every_command_the_cli_registers_has_bad_input_cases():

@@ -25,6 +25,10 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _note(message: str) -> None:
+    console.print(f"[yellow]note:[/yellow] {message}", soft_wrap=True, highlight=False, markup=True)
+
+
 def _command_line(command: str, **params) -> str:
     """The exact command that reproduces a run: every resolved option, spelled out."""
     parts = ["mixgrpo", command]
@@ -91,7 +95,7 @@ def train(
     from .train.config import apply_overrides, config_from_dict, config_to_dict, load_yaml
     from .train.distributed import elastic_restart_count
     from .train.presets import make_preset
-    from .train.run import TrainingInterrupted, check_run_dir
+    from .train.run import TrainingFailed, TrainingInterrupted, check_run_dir
     from .train.run import train as run_train
 
     try:
@@ -119,7 +123,10 @@ def train(
     except TrainingInterrupted as stop:
         console.print(f"[yellow]interrupted:[/yellow] {stop}", soft_wrap=True, highlight=False)
         raise typer.Exit(128 + stop.signum) from None
-    except ValueError as err:
+    except TrainingFailed as err:  # the run is kept: the line says what happened and how to resume
+        console.print(f"[red]failed:[/red] {err}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
+    except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     if main_rank:
         console.print_json(data=summary)
@@ -179,7 +186,7 @@ def sample(
         if steps < 1:
             raise ValueError(f"--steps must be >= 1, got {steps}")
         _parse_blends(str(blend))
-        policy = load_policy(checkpoint)
+        policy = load_policy(checkpoint, on_note=_note)
         images = generate_prompts(policy, cached_embeddings(list(dict.fromkeys(chosen))), chosen, seed=seed, steps=steps,
                                   solver=solver, guidance=cfg, blend=blend, base=policy.base)
         save_image_grid(out, images, chosen)
@@ -206,7 +213,7 @@ def eval_(
     """Score checkpoints on a prompt set: mean, std, 95% CI per reward, and per-prompt scores."""
     import json
 
-    from .inference.evaluate import evaluate_policy, markdown_table
+    from .inference.evaluate import EvalProgress, evaluate_policy, markdown_table
     from .inference.policy import load_policy
     from .rewards import get_reward
 
@@ -220,9 +227,15 @@ def eval_(
             raise ValueError("--rewards is empty; name at least one reward, e.g. composition")
         for name in names:
             get_reward(name)
-        policies = [load_policy(c) for c in (checkpoint or ["base"])]
+        policies = [load_policy(c, on_note=_note) for c in (checkpoint or ["base"])]
     except (ValueError, KeyError, FileNotFoundError, OSError) as err:
         _fail(str(err.args[0]) if isinstance(err, KeyError) else str(err))
+    # an interrupted evaluation left its finished parts in OUT.partial: the same command continues
+    job = {"prompts": chosen, "rewards": names, "blends": blends, "seeds": seeds, "steps": steps, "solver": solver,
+           "cfg": cfg, "policies": [[p.name, p.source] for p in policies]}
+    progress_file = EvalProgress(out.with_name(out.name + ".partial"), job)
+    if progress_file.resumed:
+        _note(f"continuing the interrupted evaluation in {progress_file.path} ({progress_file.resumed} parts done)")
     results = []
     total = len(policies) * len(blends) * seeds * len(chosen)
     try:
@@ -230,11 +243,20 @@ def eval_(
         with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                       TimeElapsedColumn(), console=console, transient=True) as progress:
             task = progress.add_task("eval", total=total, info="")
-            for policy in policies:
+            for i, policy in enumerate(policies):
                 for b in blends:
                     progress.update(task, info=f"{policy.name} blend {b:g}")
-                    results.append(evaluate_policy(policy, chosen, names, blend=b, seeds=seeds, steps=steps, solver=solver,
-                                                   guidance=cfg, on_images=lambda k: progress.advance(task, k)))
+                    where = f"{i}:{b!r}"
+                    results.append(evaluate_policy(
+                        policy, chosen, names, blend=b, seeds=seeds, steps=steps, solver=solver, guidance=cfg,
+                        on_images=lambda k: progress.advance(task, k), done=progress_file.parts(where),
+                        on_part=lambda key, part, where=where: progress_file.add(where, key, part)))
+    except KeyboardInterrupt:
+        scored = int(progress.tasks[0].completed) if progress.tasks else 0
+        console.print(f"[yellow]interrupted:[/yellow] eval stopped after {scored} of {total} images; the finished "
+                      f"parts are kept in {progress_file.path}; run the same command again to continue",
+                      soft_wrap=True, highlight=False)
+        raise typer.Exit(130) from None
     except ValueError as err:
         _fail(str(err))
     table = markdown_table(results)
@@ -242,6 +264,7 @@ def eval_(
     out.write_text(json.dumps({"prompts": prompts, "steps": steps, "solver": solver, "cfg": cfg, "results": results}, indent=1) + "\n")
     if len(results) > 1:
         out.with_suffix(".md").write_text(table)
+    progress_file.remove()
     console.print(table, highlight=False, markup=False)
     console.print(f"wrote {out}" + (f" and {out.with_suffix('.md')}" if len(results) > 1 else ""))
 
@@ -256,7 +279,7 @@ def export(
     from .inference.policy import export_run
 
     try:
-        folder = export_run(run, out, lora=lora)
+        folder = export_run(run, out, lora=lora, on_note=_note)
     except (ValueError, FileNotFoundError, OSError) as err:
         _fail(str(err))
     console.print(f"wrote {folder}: " + ", ".join(sorted(p.name for p in folder.iterdir())))
@@ -277,7 +300,7 @@ def bench(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a value in every arm (repeatable).")] = None,
 ) -> None:
     """Run methods (or MixGRPO ablations) side by side: cost, reward, time to DanceGRPO's reward."""
-    from .bench import FluxShape, plan_bench, run_bench, split_presets
+    from .bench import BenchInterrupted, FluxShape, plan_bench, run_bench, split_presets
 
     try:
         names = split_presets(presets) if presets else None
@@ -300,7 +323,16 @@ def bench(
             def show(label: str, iteration: int) -> None:
                 progress.update(task, advance=1, info=f"{label} iter {iteration + 1}")
 
+            if plan.resume:
+                _note(f"continuing the interrupted bench in {out}")
             rows = run_bench(plan, on_progress=show)
+    except BenchInterrupted as stop:
+        console.print(f"[yellow]interrupted:[/yellow] {stop}", soft_wrap=True, highlight=False)
+        raise typer.Exit(128 + stop.signum) from None
+    except KeyboardInterrupt:  # a second Ctrl-C: the last saved round is kept
+        console.print(f"[yellow]interrupted:[/yellow] bench stopped at once; its last saved round is kept in "
+                      f"{plan.state_dir}; run the same command again to continue", soft_wrap=True, highlight=False)
+        raise typer.Exit(130) from None
     except ValueError as err:
         _fail(str(err))
     console.print((out / "bench.md").read_text(), highlight=False, markup=False)

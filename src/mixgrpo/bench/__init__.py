@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,10 +12,10 @@ from typing import Any
 
 from .arms import ABLATIONS, DEFAULT_PRESETS, QUICK, ablation_arms, preset_arms, split_presets
 from .report import write_report
-from .runner import Arm, ArmResult, run_arms
+from .runner import Arm, ArmResult, BenchInterrupted, run_arms, saved_round
 from .synthetic import FluxShape, flux_shaped_overrides, make_flux_shaped
 
-__all__ = ["ABLATIONS", "DEFAULT_PRESETS", "Arm", "ArmResult", "BenchPlan", "FluxShape", "plan_bench", "run_arms",
+__all__ = ["ABLATIONS", "DEFAULT_PRESETS", "Arm", "ArmResult", "BenchInterrupted", "BenchPlan", "FluxShape", "plan_bench", "run_arms",
            "run_bench", "split_presets"]
 
 
@@ -34,6 +36,12 @@ class BenchPlan:
     title: str
     config: dict[str, Any]
     flux_shape: FluxShape | None = None  # build the FLUX-shaped model in out/model before running
+    resume: bool = False  # out holds an interrupted bench of this same plan: continue it
+
+    @property
+    def state_dir(self) -> Path:
+        """Where the interrupted bench's rounds are saved (removed once the report is written)."""
+        return self.out / "resume"
 
 
 def plan_bench(
@@ -56,8 +64,6 @@ def plan_bench(
     ``flux_shape`` every arm trains a FLUX-shaped random transformer instead (GPU mode, see
     :mod:`mixgrpo.bench.synthetic`): 1 seed, 5 iterations, costs only."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty; choose a new --out (a bench never overwrites results)")
     base = QUICK if quick else DEFAULT
     if flux_shape is not None:
         flux_shape.validate()
@@ -82,12 +88,24 @@ def plan_bench(
     config = {"arms": [a.label for a in arms], "seeds": seeds, "iterations": iterations, "evals": evals,
               "overrides": shared, "quick": quick, "quick_group": base.get("group"), "ablate": ablate,
               "flux_shape": None if flux_shape is None else dataclasses.asdict(flux_shape)}
-    return BenchPlan(out, arms, seeds, iterations, evals, title, config, flux_shape)
+    plan = BenchPlan(out, arms, seeds, iterations, evals, title, config, flux_shape)
+    if out.exists() and any(out.iterdir()):
+        saved = saved_round(plan.state_dir)
+        if saved is None or saved.get("config") != json.loads(json.dumps(config)):
+            raise ValueError(f"{out} is not empty; choose a new --out (a bench never overwrites results; an "
+                             "interrupted bench continues only with the same command)")
+        plan.resume = True
+    return plan
 
 
 def run_bench(plan: BenchPlan, on_progress: Callable[[str, int], None] | None = None) -> list[dict[str, Any]]:
-    """Run the plan's arms interleaved and write the report; returns its rows."""
-    if plan.flux_shape is not None:
+    """Run the plan's arms interleaved and write the report; returns its rows. Rounds are saved
+    in ``plan.state_dir`` as it goes: an interrupted bench (:class:`BenchInterrupted`, or a
+    crash) continues from the last saved round when the same command runs again."""
+    if plan.flux_shape is not None and not plan.resume:
         make_flux_shaped(plan.out / "model", plan.flux_shape)
-    results = run_arms(plan.arms, list(range(plan.seeds)), plan.iterations, evals=plan.evals, on_progress=on_progress)
-    return write_report(plan.out, results, title=plan.title, config=plan.config)
+    results = run_arms(plan.arms, list(range(plan.seeds)), plan.iterations, evals=plan.evals, on_progress=on_progress,
+                       state_dir=plan.state_dir, config=json.loads(json.dumps(plan.config)))
+    rows = write_report(plan.out, results, title=plan.title, config=plan.config)
+    shutil.rmtree(plan.state_dir, ignore_errors=True)
+    return rows

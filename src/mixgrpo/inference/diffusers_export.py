@@ -8,7 +8,7 @@
   ``FluxTransformer2DModel.from_pretrained(out / "transformer")``.
 
 The base weights come from the run's own ``model.path``; only the trained tensors are read
-from its checkpoint (safetensors).
+from its newest intact checkpoint (checksums verified; safetensors).
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ _CLASSES = {"flux": ("FluxTransformer2DModel", "FluxPipeline"),
             "sd3": ("SD3Transformer2DModel", "StableDiffusion3Pipeline")}
 
 
-def export_diffusers_run(run: Path, out: Path, *, lora: str, ema: bool = True) -> Path:
+def export_diffusers_run(run: Path, out: Path, *, lora: str, ema: bool = True, on_note=None) -> Path:
     """Write the run's trained transformer (or its LoRA) to ``out``; see the module doc."""
     import diffusers
 
     m = read_run_model(run)
     transformer_class, pipeline_class = _CLASSES[m.kind]
-    ckpt, state = latest_run_weights(run)
+    ckpt, state = latest_run_weights(run, on_note)  # the newest intact checkpoint, verified
     weights, which = pick_weights(state, ema)
     # the trainer names parameters from its velocity wrapper: "transformer.<module>..."
     weights = {k.removeprefix("transformer."): v for k, v in weights.items()}

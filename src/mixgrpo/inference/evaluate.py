@@ -3,22 +3,90 @@ reward, plus per-prompt scores.
 
 Statistics treat the prompt as the unit: each prompt's score is its mean over ``seeds``
 samples, and ``ci95 = 1.96 * std(per-prompt scores, ddof=1) / sqrt(n)`` over the ``n`` prompts.
+
+Resuming: the work is done in parts, one per (seed pass, chunk of :data:`EVAL_CHUNK` prompts),
+each drawn with the seed the whole pass would give it (see
+:func:`~mixgrpo.inference.generate.generate_prompts`). ``on_part`` receives each finished
+part's scores; passing them back as ``done`` skips those parts, and the result is the same
+(bitwise) as one uninterrupted evaluation.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..rewards import get_reward, score
 from ..text import cached_embeddings
-from .generate import generate_prompts
+from .generate import EVAL_CHUNK, generate_prompts
 from .policy import Policy
 
-__all__ = ["evaluate_policy", "markdown_table", "summarise_scores"]
+__all__ = ["EvalProgress", "evaluate_policy", "markdown_table", "summarise_scores"]
+
+
+class EvalProgress:
+    """The finished parts of an evaluation, appended to ``path`` (JSON lines: a header naming
+    the job, then one line per part, fsynced) so an interrupted ``mixgrpo eval`` continues
+    where it stopped. A file of another job, or a torn last line, is ignored; the file is
+    created with the first part and removed when the evaluation is complete."""
+
+    def __init__(self, path: Path, job: dict[str, Any]):
+        self.path, self.job = Path(path), json.loads(json.dumps(job))
+        self._parts: dict[str, dict[str, dict[str, Any]]] = {}
+        self._handle = None
+        if self.path.is_file():
+            lines = self.path.read_text().splitlines()
+            try:
+                same = bool(lines) and json.loads(lines[0]).get("job") == self.job
+            except ValueError:
+                same = False
+            if same:
+                for line in lines[1:]:
+                    try:
+                        row = json.loads(line)
+                    except ValueError:  # torn by a hard kill: that part is redone
+                        break
+                    self._parts.setdefault(row["where"], {})[row["key"]] = row["part"]
+            else:
+                self.path.unlink()
+        self.resumed = sum(len(v) for v in self._parts.values())
+
+    def parts(self, where: str) -> dict[str, dict[str, Any]]:
+        return self._parts.get(where, {})
+
+    def add(self, where: str, key: str, part: dict[str, Any]) -> None:
+        if self._handle is None:
+            fresh = not self.path.is_file()
+            self._handle = self.path.open("a")
+            if fresh:
+                self._handle.write(json.dumps({"job": self.job}) + "\n")
+            else:  # rewrite without a torn tail
+                self._handle.close()
+                self._rewrite()
+                self._handle = self.path.open("a")
+        self._handle.write(json.dumps({"where": where, "key": key, "part": part}) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._parts.setdefault(where, {})[key] = part
+
+    def _rewrite(self) -> None:
+        rows = [json.dumps({"job": self.job})]
+        rows += [json.dumps({"where": w, "key": k, "part": p}) for w, parts in self._parts.items() for k, p in parts.items()]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("\n".join(rows) + "\n")
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        self.path.unlink(missing_ok=True)
 
 
 def summarise_scores(per_prompt: torch.Tensor) -> dict[str, float]:
@@ -40,6 +108,8 @@ def evaluate_policy(
     solver: str = "euler",
     guidance: float = 1.0,
     on_images: Callable[[int], None] | None = None,
+    done: dict[str, dict[str, Any]] | None = None,
+    on_part: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Sample every prompt ``seeds`` times (seed ``k`` for pass ``k``) and score each reward.
 
@@ -55,10 +125,23 @@ def evaluate_policy(
     embeddings = cached_embeddings(list(dict.fromkeys(prompts)))
     totals = {name: torch.zeros(len(prompts)) for name in rewards}
     for k in range(seeds):
-        images = generate_prompts(policy, embeddings, prompts, seed=k * 1_000_003, steps=steps, shift=shift,
-                                  solver=solver, guidance=guidance, blend=blend, base=policy.base, on_chunk=on_images)
-        for name, reward in scorers.items():
-            totals[name] += score(reward, images, list(prompts))
+        for start in range(0, len(prompts), EVAL_CHUNK):
+            chunk, key = list(prompts[start : start + EVAL_CHUNK]), f"{k}:{start}"
+            if done is not None and key in done:  # scored before an interruption
+                part = {name: torch.tensor(done[key]["scores"][name], dtype=getattr(torch, done[key]["dtypes"][name]))
+                        for name in rewards}
+                if on_images is not None:
+                    on_images(len(chunk))
+            else:
+                images = generate_prompts(policy, embeddings, chunk, seed=k * 1_000_003 + start, steps=steps,
+                                          shift=shift, solver=solver, guidance=guidance, blend=blend, base=policy.base,
+                                          on_chunk=on_images)
+                part = {name: score(reward, images, chunk) for name, reward in scorers.items()}
+                if on_part is not None:
+                    on_part(key, {"scores": {n: v.tolist() for n, v in part.items()},
+                                  "dtypes": {n: str(v.dtype).removeprefix("torch.") for n, v in part.items()}})
+            for name in rewards:
+                totals[name][start : start + len(chunk)] += part[name]
     per_prompt = {name: t / seeds for name, t in totals.items()}
     return {
         "checkpoint": policy.name,

@@ -8,7 +8,8 @@ A checkpoint argument is one of
 * a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``): written by
   ``mixgrpo export --lora adapter``; applied to the model its config names;
 * a run folder (``config.yaml`` + ``checkpoints/latest.json``): written by ``mixgrpo train``;
-  its latest checkpoint (the EMA weights when the run kept an EMA).
+  its newest *intact* checkpoint (checksums verified, see :mod:`.verify`; a damaged newer
+  one is named in one line, ``on_note``), the EMA weights when the run kept an EMA.
 
 Every policy carries the base model it was trained from, for ``--blend``: for LoRA that is
 the same network with the adapter switched off, otherwise a second copy.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,7 @@ from ..models.lora import (
     save_peft_adapter,
 )
 from ..models.tiny_dit import TextCondition
+from .verify import newest_intact
 
 __all__ = ["Policy", "export_run", "load_policy"]
 
@@ -103,16 +106,23 @@ def load_named(model: torch.nn.Module, names: list[str], state: dict[str, torch.
             params[name].copy_(state[name])
 
 
-def latest_run_weights(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    """The newest checkpoint folder of a run and its trained tensors."""
-    index = folder / "checkpoints" / "latest.json"
-    if not index.is_file():
-        raise FileNotFoundError(f"run folder {folder} has no checkpoint yet ({index} is missing); wait for its first checkpoint or pass another --checkpoint")
-    try:
-        ckpt = folder / "checkpoints" / json.loads(index.read_text())["path"]
-    except (ValueError, KeyError) as err:
-        raise ValueError(f"{index} is corrupt ({err}); delete it to fall back to no checkpoint") from err
-    return ckpt, _load_safetensors(ckpt / "weights.safetensors")
+def latest_run_weights(folder: Path, on_note: Callable[[str], None] | None = None) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The newest intact checkpoint folder of a run and its trained tensors; ``on_note`` gets
+    one line when newer checkpoints were damaged and skipped (printed to stderr by default)."""
+    root = folder / "checkpoints"
+    found = newest_intact(root)  # raises CheckpointDamaged (ValueError) when every one is damaged
+    if found is None:
+        raise FileNotFoundError(f"run folder {folder} has no checkpoint yet (nothing in {root}); wait for its first checkpoint or pass another --checkpoint")
+    note = found.note()
+    if note:
+        note = note.replace("; resuming from", "; using")
+        if on_note is not None:
+            on_note(note)
+        else:
+            import sys
+
+            print(note, file=sys.stderr, flush=True)
+    return found.folder, _load_safetensors(found.folder / "weights.safetensors")
 
 
 def pick_weights(state: dict[str, torch.Tensor], ema: bool) -> tuple[dict[str, torch.Tensor], str]:
@@ -121,7 +131,7 @@ def pick_weights(state: dict[str, torch.Tensor], ema: bool) -> tuple[dict[str, t
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, prefix or "live "
 
 
-def _load_run(folder: Path, name: str, ema: bool) -> Policy:
+def _load_run(folder: Path, name: str, ema: bool, on_note: Callable[[str], None] | None = None) -> Policy:
     import yaml
 
     from ..train.config import config_from_dict
@@ -130,7 +140,7 @@ def _load_run(folder: Path, name: str, ema: bool) -> Policy:
     if cfg.model.kind != "embedded":
         raise ValueError(f"{folder} is a model.kind={cfg.model.kind} run; sample/eval read embedded-model runs only "
                          "so far: `mixgrpo export` it and load the result with diffusers")
-    ckpt, state = latest_run_weights(folder)
+    ckpt, state = latest_run_weights(folder, on_note)
     base = load_embedded(_resolve_base(cfg.model.checkpoint))
     model = copy.deepcopy(base)
     if cfg.model.lora_rank > 0:
@@ -159,7 +169,7 @@ def _load_adapter(folder: Path, name: str) -> Policy:
     return Policy(name, model.eval(), _AdapterOff(model), str(folder))
 
 
-def load_policy(spec: str | Path, *, ema: bool = True) -> Policy:
+def load_policy(spec: str | Path, *, ema: bool = True, on_note: Callable[[str], None] | None = None) -> Policy:
     """Load ``base``, a model folder, a peft adapter folder or a run folder (see module doc)."""
     name = str(spec)
     if name == "base":
@@ -169,7 +179,7 @@ def load_policy(spec: str | Path, *, ema: bool = True) -> Policy:
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint {folder} does not exist; pass 'base', a model folder or a run folder")
     if (folder / "config.yaml").is_file():
-        return _load_run(folder, name, ema)
+        return _load_run(folder, name, ema, on_note)
     if (folder / ADAPTER_CONFIG).is_file():
         return _load_adapter(folder, name)
     if (folder / CONFIG).is_file():
@@ -182,7 +192,8 @@ def load_policy(spec: str | Path, *, ema: bool = True) -> Policy:
     )
 
 
-def export_run(run: str | Path, out: str | Path, *, lora: str = "merged", ema: bool = True) -> Path:
+def export_run(run: str | Path, out: str | Path, *, lora: str = "merged", ema: bool = True,
+               on_note: Callable[[str], None] | None = None) -> Path:
     """Write a run's weights as a standalone folder.
 
     Full fine-tunes (and LoRA with ``lora="merged"``, ``W' = W + (alpha/r) B A``) become a model
@@ -202,9 +213,9 @@ def export_run(run: str | Path, out: str | Path, *, lora: str = "merged", ema: b
     if model_cfg.get("kind", "embedded") not in ("embedded", "tiny-dit"):
         from .diffusers_export import export_diffusers_run
 
-        return export_diffusers_run(run, out, lora=lora, ema=ema)
+        return export_diffusers_run(run, out, lora=lora, ema=ema, on_note=on_note)
     base_spec = model_cfg.get("checkpoint") or "base"
-    policy = load_policy(run, ema=ema)
+    policy = load_policy(run, ema=ema, on_note=on_note)
     if has_lora(policy.model) and lora == "adapter":
         return save_peft_adapter(policy.model, out, rank=model_cfg["lora_rank"], alpha=model_cfg["lora_alpha"], base=base_spec)
     model = policy.model

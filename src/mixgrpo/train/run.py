@@ -9,14 +9,24 @@
     DIR/checkpoints/       atomic checkpoints + latest.json
     DIR/tb/                TensorBoard events
     DIR/summary.json       the headline figures
+    DIR/failure.log        the traceback of a run that stopped on an error (see below)
+
+A run that fails mid-way (a reward plug-in that raises or returns the wrong shape, a
+checkpoint write that fails, NaN/Inf for too long) raises :class:`TrainingFailed` with one
+line saying what happened and how to go on; the last good checkpoint and the metrics rows up
+to it stay as they were, and ``--resume`` continues exactly where that checkpoint left off
+(bitwise). Iterations of a NaN/Inf streak are not checkpointed (unless the run is stopped
+there), so a resume after fixing the reward redoes them.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,8 +34,10 @@ from typing import Any
 
 import yaml
 
+from ..inference.verify import checkpoint_folders, newest_intact
 from ..viz import save_curve, save_image_grid
-from .checkpointing import latest_iteration, latest_state, load_latest, save_checkpoint
+from .batch import NonFiniteError
+from .checkpointing import load_checkpoint, load_resumable, save_checkpoint
 from .config import TrainConfig, config_from_dict, config_to_dict
 from .distributed import (
     barrier,
@@ -37,7 +49,11 @@ from .distributed import (
 from .fsdp import load_sharded, save_sharded
 from .trainer import GRPOTrainer
 
-__all__ = ["TrainingInterrupted", "check_run_dir", "prepare_run_dir", "train"]
+__all__ = ["TrainingFailed", "TrainingInterrupted", "check_run_dir", "prepare_run_dir", "stop_requests", "train"]
+
+
+class TrainingFailed(RuntimeError):
+    """The run stopped on an error; the message (one line) says what and how to resume."""
 
 
 class TrainingInterrupted(Exception):
@@ -49,7 +65,7 @@ class TrainingInterrupted(Exception):
 
 
 @contextmanager
-def _stop_requests() -> Iterator[dict[str, int | None]]:
+def stop_requests() -> Iterator[dict[str, int | None]]:
     """Turn the first SIGTERM/SIGINT into a flag the loop checks between iterations (the
     current iteration finishes and is checkpointed); a second signal acts at once."""
     flag: dict[str, int | None] = {"signum": None}
@@ -77,8 +93,9 @@ def check_run_dir(out: Path, resume: bool) -> None:
     if resume:
         if not (out / "config.yaml").is_file():
             raise ValueError(f"--resume: {out} holds no run (config.yaml missing); drop --resume to start one")
-        if latest_iteration(out / "checkpoints") is None:
+        if not checkpoint_folders(out / "checkpoints"):
             raise ValueError(f"--resume: {out} has no checkpoint yet; delete the folder or drop --resume to restart")
+        newest_intact(out / "checkpoints")  # every checkpoint damaged: one line now, before any work
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
 
@@ -121,7 +138,7 @@ def train(
     check_distributed_config(cfg, d)
     fresh_restart = False
     if elastic_restart_count() > 0 and not resume:  # torchrun restarted the workers after a failure
-        resume = latest_iteration(out / "checkpoints") is not None
+        resume = bool(checkpoint_folders(out / "checkpoints"))
         fresh_restart = not resume and (out / "config.yaml").is_file()  # it failed before its first checkpoint
     if not fresh_restart:
         check_run_dir(out, resume)
@@ -138,17 +155,22 @@ def train(
     metrics_path, eval_path = out / "metrics.jsonl", out / "eval.jsonl"
     start_iteration, elapsed_before = 0, 0.0
     if resume:
-        state = latest_state(out / "checkpoints")
+        found = load_resumable(out / "checkpoints")  # verified: a damaged newest one is skipped, and said so
+        if d.is_main and found.note():
+            print(found.note(), file=sys.stderr, flush=True)
+        state = found.state
         if "dcp" in state:  # FSDP shards: any world size can read them
             load_sharded(out / "checkpoints" / state["dcp"], trainer.model, trainer.optimizer, trainer.ema_by_name())
-            last = state["iteration"]
         else:
-            last, weights, state = load_latest(out / "checkpoints", trainer.optimizer)
+            _, weights, state = load_checkpoint(found, trainer.optimizer)
             trainer.load_trainable_state(weights)
+        last = found.iteration
+        trainer.nonfinite_streak = int(state.get("nonfinite_streak", 0))
         start_iteration, elapsed_before = last + 1, state.get("wall_time_s", 0.0)
         if d.is_main:
             _truncate_jsonl(metrics_path, last)  # rows are iteration indices
             _truncate_jsonl(eval_path, last + 1)  # rows count completed iterations
+    last_good = start_iteration - 1  # the newest checkpoint on disk (-1: none yet)
     tb = _tensorboard(out / "tb") if d.is_main else None
     started = time.perf_counter()
 
@@ -168,27 +190,52 @@ def train(
                 if k.startswith("reward"):
                     tb.add_scalar(f"eval/{k}", v, completed)
 
+    def resume_hint() -> str:
+        kept = f"the last good checkpoint is iter_{last_good:06d}" if last_good >= 0 else "no checkpoint was written yet"
+        how = f"`mixgrpo train --out {out} --resume`" if last_good >= 0 else f"delete {out} and start again"
+        return f"{kept} (metrics rows after it are redone); fix the cause, then {how}"
+
     def checkpoint(iteration: int) -> None:
-        """Rank 0 writes the checkpoint; with FSDP every rank first writes its shards."""
-        extra = {"wall_time_s": elapsed_before + time.perf_counter() - started}
-        if trainer.sharded:
-            shards = f"iter_{iteration:06d}.dcp"
-            save_sharded(out / "checkpoints" / shards, trainer.model, trainer.optimizer, trainer.ema_by_name())
-            weights = trainer.trainable_state()  # a collective too
-            if d.is_main:
-                save_checkpoint(out / "checkpoints", iteration, weights, None, {**extra, "dcp": shards},
+        """Rank 0 writes the checkpoint; with FSDP every rank first writes its shards. A failed
+        write (any rank) stops every rank with :class:`TrainingFailed`; earlier checkpoints stay."""
+        nonlocal last_good
+        extra = {"wall_time_s": elapsed_before + time.perf_counter() - started,
+                 "nonfinite_streak": trainer.nonfinite_streak}
+        error: BaseException | None = None
+        try:
+            if trainer.sharded:
+                shards = f"iter_{iteration:06d}.dcp"
+                save_sharded(out / "checkpoints" / shards, trainer.model, trainer.optimizer, trainer.ema_by_name())
+                weights = trainer.trainable_state()  # a collective too
+                if d.is_main:
+                    save_checkpoint(out / "checkpoints", iteration, weights, None, {**extra, "dcp": shards},
+                                    cfg.keep_checkpoints)
+            elif d.is_main:
+                save_checkpoint(out / "checkpoints", iteration, trainer.trainable_state(), trainer.optimizer, extra,
                                 cfg.keep_checkpoints)
-            barrier(d)
-        elif d.is_main:
-            save_checkpoint(out / "checkpoints", iteration, trainer.trainable_state(), trainer.optimizer, extra,
-                            cfg.keep_checkpoints)
+        except (OSError, ValueError, RuntimeError) as err:
+            error = err
+        # every rank learns whether the write failed, so none waits for a rank that stopped
+        if sum_over_ranks(float(error is not None), d) > 0:
+            why = f"{type(error).__name__}: {error}" if error is not None else "another rank's write failed"
+            _log_failure(out, d, error)
+            raise TrainingFailed(f"checkpoint at iteration {iteration} failed ({why}); {resume_hint()}") from error
+        last_good = iteration
 
     try:
-        with _stop_requests() as stop:
+        with stop_requests() as stop:
             if start_iteration == 0:
                 evaluate(0)
             for iteration in range(start_iteration, cfg.iterations):
-                row = trainer.step(iteration)
+                try:
+                    row = trainer.step(iteration)
+                except NonFiniteError as err:
+                    _log_failure(out, d, err)
+                    raise NonFiniteError(f"{str(err).split('; weights on disk')[0]}; {resume_hint()}") from err
+                except Exception as err:  # a reward plug-in that raises, a wrong shape...
+                    _log_failure(out, d, err)
+                    raise TrainingFailed(f"iteration {iteration} failed ({type(err).__name__}: "
+                                         f"{str(err).splitlines()[0] if str(err) else ''}); {resume_hint()}") from err
                 if d.is_main:
                     trainer.write_metrics(metrics_path, row)
                 if tb:
@@ -202,7 +249,8 @@ def train(
                 # ranks agree on a stop request, so none waits in a collective for the others
                 if d.enabled and sum_over_ranks(float(stop["signum"] is not None), d) > 0 and stop["signum"] is None:
                     stop["signum"] = signal.SIGTERM
-                if (iteration + 1) % cfg.checkpoint_every == 0 or last or stop["signum"] is not None:
+                periodic = (iteration + 1) % cfg.checkpoint_every == 0 and trainer.nonfinite_streak == 0
+                if periodic or last or stop["signum"] is not None:
                     checkpoint(iteration)
                 if stop["signum"] is not None and not last:
                     name = signal.Signals(stop["signum"]).name
@@ -216,6 +264,18 @@ def train(
     if not d.is_main:
         return {}
     return _summarise(out, cfg, trainer, elapsed_before + time.perf_counter() - started)
+
+
+def _log_failure(out: Path, d, err: BaseException | None) -> None:
+    """The full traceback goes to ``out/failure.log`` (rank 0); the user sees one line."""
+    if err is None or not d.is_main:
+        return
+    try:
+        with (out / "failure.log").open("a") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            f.write("".join(traceback.format_exception(err)))
+    except OSError:
+        pass
 
 
 def _tensorboard(folder: Path):
