@@ -63,6 +63,7 @@ class EvalProgress:
     def add(self, where: str, key: str, part: dict[str, Any]) -> None:
         if self._handle is None:
             fresh = not self.path.is_file()
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # --out may name a folder not made yet
             self._handle = self.path.open("a")
             if fresh:
                 self._handle.write(json.dumps({"job": self.job}) + "\n")
