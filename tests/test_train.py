@@ -114,14 +114,14 @@ def test_per_sample_steps_loss_is_each_samples_mean_over_its_steps(tiny_checkpoi
 
 
 def test_toy_reward_moves_samples_the_right_way(tiny_checkpoint):
-    cfg = tiny_config(tiny_checkpoint, "mixgrpo", "optim.lr=3e-3",
+    cfg = tiny_config(tiny_checkpoint, "mixgrpo", "optim.lr=6e-3",
                       "iterations=12", "group_size=8", "sampler.noise_level=1.0", "schedule.size=4")
     trainer = GRPOTrainer(cfg)
     before = trainer.evaluate()[0]["reward_test-train-brightness"]
     for i in range(cfg.iterations):
         trainer.step(i)
     after = trainer.evaluate()[0]["reward_test-train-brightness"]
-    assert after > before + 0.02, (before, after)
+    assert after > before + 0.08, (before, after)  # measured +0.16; the old lr 3e-3 gave +0.020, at the bound
 
 
 def test_train_cli_end_to_end_writes_every_output(tiny_checkpoint, tmp_path):
