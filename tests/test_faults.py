@@ -349,3 +349,16 @@ def test_sigterm_under_torchrun_checkpoints_and_resume_is_bitwise(tiny_checkpoin
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _rows(out / "metrics.jsonl") == list(range(8))
     assert _bitwise(_latest_weights(out), _latest_weights(tmp_path / "whole"))
+
+
+def test_the_same_bench_command_continues_an_interrupted_bench_and_nothing_else_does(tmp_path):
+    from mixgrpo.bench import plan_bench
+
+    out = tmp_path / "bench"
+    plan = plan_bench(out, presets=["mixgrpo", "dance-grpo"], quick=True)
+    assert not plan.resume
+    plan.state_dir.mkdir(parents=True)
+    (plan.state_dir / "state.json").write_text(json.dumps({"round": 3, "config": plan.config, "results": []}))
+    assert plan_bench(out, presets=["mixgrpo", "dance-grpo"], quick=True).resume  # the same command
+    with pytest.raises(ValueError, match="is not empty"):  # another bench never overwrites it
+        plan_bench(out, presets=["mixgrpo"], quick=True)
