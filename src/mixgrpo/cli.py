@@ -120,8 +120,9 @@ def train(
                     f"reward {row['reward_mean']:.3f}  window {row['window_start']}  {row['iter_time_s']:.1f}s/it"))
 
             summary = run_train(cfg, out, resume=resume, on_iteration=show)
-    except TrainingInterrupted as stop:
-        console.print(f"[yellow]interrupted:[/yellow] {stop}", soft_wrap=True, highlight=False)
+    except TrainingInterrupted as stop:  # every rank stops at the same iteration: rank 0 says it
+        if main_rank:
+            console.print(f"[yellow]interrupted:[/yellow] {stop}", soft_wrap=True, highlight=False)
         raise typer.Exit(128 + stop.signum) from None
     except TrainingFailed as err:  # the run is kept: the line says what happened and how to resume
         console.print(f"[red]failed:[/red] {err}", soft_wrap=True, highlight=False)
