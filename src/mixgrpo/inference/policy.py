@@ -18,6 +18,7 @@ the same network with the adapter switched off, otherwise a second copy.
 from __future__ import annotations
 
 import copy
+import logging
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ from ..models.tiny_dit import TextCondition
 from .verify import newest_intact
 
 __all__ = ["Policy", "export_run", "load_policy"]
+
+logger = logging.getLogger(__name__)
 
 
 class _AdapterOff:
@@ -108,7 +111,7 @@ def load_named(model: torch.nn.Module, names: list[str], state: dict[str, torch.
 
 def latest_run_weights(folder: Path, on_note: Callable[[str], None] | None = None) -> tuple[Path, dict[str, torch.Tensor]]:
     """The newest intact checkpoint folder of a run and its trained tensors; ``on_note`` gets
-    one line when newer checkpoints were damaged and skipped (printed to stderr by default)."""
+    one line when newer checkpoints were damaged and skipped (logged as a warning by default)."""
     root = folder / "checkpoints"
     found = newest_intact(root)  # raises CheckpointDamaged (ValueError) when every one is damaged
     if found is None:
@@ -119,9 +122,7 @@ def latest_run_weights(folder: Path, on_note: Callable[[str], None] | None = Non
         if on_note is not None:
             on_note(note)
         else:
-            import sys
-
-            print(note, file=sys.stderr, flush=True)
+            logger.warning(note)
     return found.folder, _load_safetensors(found.folder / "weights.safetensors")
 
 
@@ -132,26 +133,24 @@ def pick_weights(state: dict[str, torch.Tensor], ema: bool) -> tuple[dict[str, t
 
 
 def _load_run(folder: Path, name: str, ema: bool, on_note: Callable[[str], None] | None = None) -> Policy:
-    import yaml
+    from .runs import read_run_model  # the model section as YAML: inference does not import train
 
-    from ..train.config import config_from_dict
-
-    cfg = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text())).validate()
-    if cfg.model.kind != "embedded":
-        raise ValueError(f"{folder} is a model.kind={cfg.model.kind} run; sample/eval read embedded-model runs only "
+    m = read_run_model(folder)
+    if m.kind != "embedded":
+        raise ValueError(f"{folder} is a model.kind={m.kind} run; sample/eval read embedded-model runs only "
                          "so far: `mixgrpo export` it and load the result with diffusers")
     ckpt, state = latest_run_weights(folder, on_note)
-    base = load_embedded(_resolve_base(cfg.model.checkpoint))
+    base = load_embedded(_resolve_base(m.checkpoint))
     model = copy.deepcopy(base)
-    if cfg.model.lora_rank > 0:
-        add_lora(model, cfg.model.lora_rank, cfg.model.lora_alpha)
+    if m.lora_rank > 0:
+        add_lora(model, m.lora_rank, m.lora_alpha)
         names = [n for n, _ in model.named_parameters() if "lora_" in n]
     else:
         names = [n for n, _ in model.named_parameters()]
     weights, which = pick_weights(state, ema)
     load_named(model, names, weights, ckpt)
     model.eval()
-    return Policy(name, model, _AdapterOff(model) if cfg.model.lora_rank > 0 else base, f"{ckpt} ({which}weights)")
+    return Policy(name, model, _AdapterOff(model) if m.lora_rank > 0 else base, f"{ckpt} ({which}weights)")
 
 
 def _load_adapter(folder: Path, name: str) -> Policy:
