@@ -32,7 +32,7 @@ def test_pretrain_cli_writes_a_loadable_checkpoint_and_lowers_the_loss(tmp_path,
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     model = load_embedded(out)
     assert config["model_type"] == arch and config["model"][field] == value
-    assert config["pretrain"]["prompts"] == "train"  # held-out pairs stay unseen by default
+    assert config["pretrain"]["prompts"] == "all"  # the shipped base's setting
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

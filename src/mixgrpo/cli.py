@@ -41,7 +41,7 @@ def _command_line(command: str, **params) -> str:
 @app.command()
 def pretrain(
     out: Annotated[Path, typer.Option(help="Output folder for the checkpoint, loss curve and sample grid.")],
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 4000,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2000,
     minutes: Annotated[float | None, typer.Option(help="Stop after this many minutes (saves what it has).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 6e-4,
@@ -51,7 +51,7 @@ def pretrain(
     depth: Annotated[int, typer.Option(help="tiny-dit: transformer blocks.")] = 5,
     heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
     image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 32,
-    prompts: Annotated[str, typer.Option(help="train (held-out pairs never seen) or all.")] = "train",
+    prompts: Annotated[str, typer.Option(help="all (every grammar prompt, the shipped base) or train (held-out pairs never seen).")] = "all",
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (about 2x faster on CPU).")] = True,
     seed: Annotated[int, typer.Option(help="Seed for data, init and noise.")] = 0,
 ) -> None:

@@ -8,9 +8,11 @@ Loss (rectified flow / conditional flow matching): with ``x0`` a render scaled t
 
 The text condition is replaced by the learned null condition with probability
 ``cond_dropout`` so classifier-free guidance works. The saved weights are an EMA. Batches are
-half count prompts, half relation prompts (relations outnumber counts 17:1). By default only
-the training split is seen (``prompts="train"``): the held-out colour-shape pairs stay unseen
-by the base as well as by RL, so held-out scores measure generalisation.
+half count prompts, half relation prompts (relations outnumber counts 17:1). By default every
+prompt of the grammar is seen (``prompts="all"``, as the first base): held-out prompts are the
+ones RL never trains on. ``prompts="train"`` keeps the held-out colour-shape pairs from the
+base too; such a base draws an unseen pair in a seen colour or shape (held-out composition
+0.17 after 1,419 steps), which RL on training prompts cannot teach.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ __all__ = ["PretrainConfig", "pretrain"]
 
 @dataclass
 class PretrainConfig:
-    steps: int = 4000  # optimizer steps (the run stops earlier if `minutes` runs out)
+    steps: int = 2000  # optimizer steps (the run stops earlier if `minutes` runs out)
     minutes: float | None = None  # wall-clock budget; None = no limit
     batch_size: int = 64
     lr: float = 6e-4  # AdamW peak learning rate, after `warmup` steps; cosine to 10%
@@ -51,7 +53,7 @@ class PretrainConfig:
     save_every: int = 500  # write the EMA checkpoint this often, so a killed run keeps its progress
     architecture: str = "tiny-unet"  # tiny-unet (the shipped base) | tiny-dit (the first round's)
     model: dict = field(default_factory=dict)  # the architecture's config fields; {} = its defaults
-    prompts: str = "train"  # train: the training split only (held-out pairs unseen) | all
+    prompts: str = "all"  # all: every grammar prompt (the shipped base) | train: held-out pairs never seen
     bf16: bool = True  # bf16 autocast: ~2x faster on CPU; the weights and the EMA stay fp32
 
     def __post_init__(self) -> None:
