@@ -8,8 +8,7 @@ import json
 import pytest
 import torch
 
-from mixgrpo.models.checkpoint import load_embedded, save_embedded
-from mixgrpo.models.checkpoint import BASE_CHECKPOINT, build_embedded
+from mixgrpo.models.checkpoint import BASE_CHECKPOINT, build_embedded, load_embedded, save_embedded
 from mixgrpo.models.tiny_dit import TextCondition, TinyDiTConfig
 from mixgrpo.models.tiny_unet import TinyUNet, TinyUNetConfig
 

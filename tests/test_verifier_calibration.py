@@ -58,4 +58,4 @@ def test_relation_needs_exactly_its_two_objects_and_the_right_layout():
     spec = parse_prompt("a red circle left of a blue square")
     with_extra = perturbed("one extra object", [spec] * 4, seed=3)
     x = torch.from_numpy(np.ascontiguousarray(with_extra)).permute(0, 3, 1, 2).float() / 255
-    assert get_reward("composition")(x, [str("a red circle left of a blue square")] * 4).max().item() == pytest.approx(0.4)
+    assert get_reward("composition")(x, ["a red circle left of a blue square"] * 4).max().item() == pytest.approx(0.4)

@@ -26,7 +26,16 @@ import numpy as np
 import torch
 
 from ..rewards import get_reward
-from ..world import COLOURS, HELD_OUT_PAIRS, SHAPES, format_prompt, parse_prompt, render, sample_pairs, split_prompts
+from ..world import (
+    COLOURS,
+    HELD_OUT_PAIRS,
+    SHAPES,
+    format_prompt,
+    parse_prompt,
+    render,
+    sample_pairs,
+    split_prompts,
+)
 from ..world.grammar import CountSpec
 
 __all__ = ["evaluate_checkpoint", "main", "quality_report", "reward_throughput"]

@@ -18,8 +18,8 @@ the same network with the adapter switched off, otherwise a second copy.
 from __future__ import annotations
 
 import copy
-import logging
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path

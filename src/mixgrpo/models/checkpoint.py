@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-
 from torch import nn
 
 from .tiny_dit import TinyDiT, TinyDiTConfig

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..text import MAX_TOKENS, TEXT_DIM
 
-__all__ = ["TextCondition", "TinyDiT", "TinyDiTConfig"]
+__all__ = ["GuidedVelocity", "TextCondition", "TinyDiT", "TinyDiTConfig"]
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,37 @@ class Block(nn.Module):
         return x + gate2.unsqueeze(1) * self.mlp(h)
 
 
-class TinyDiT(nn.Module):
+class GuidedVelocity:
+    """What every embedded model shares: a learned null condition (``null_tokens``,
+    ``null_pooled``) and the classifier-free-guided velocity the sampler calls."""
+
+    null_tokens: nn.Parameter
+    null_pooled: nn.Parameter
+
+    def null_condition(self, batch: int) -> TextCondition:
+        mask = torch.zeros(batch, self.null_tokens.shape[1], dtype=torch.bool, device=self.null_tokens.device)
+        mask[:, 0] = True  # one visible (learned) token keeps the attention well defined
+        return TextCondition(self.null_tokens.expand(batch, -1, -1), mask, self.null_pooled.expand(batch, -1))
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition, guidance: float = 1.0) -> torch.Tensor:
+        """``v = v_null + w (v_cond - v_null)``; ``w = 1`` is plain conditional sampling
+        (one pass), ``w > 1`` runs both branches in one batch (two passes)."""
+        if guidance == 1.0:
+            return self(x, t, cond)
+        null = self.null_condition(x.shape[0])
+        both = TextCondition(
+            torch.cat([cond.tokens.to(null.tokens.dtype), null.tokens]),
+            torch.cat([cond.mask.bool(), null.mask]),
+            torch.cat([cond.pooled.to(null.pooled.dtype), null.pooled]),
+        )
+        v_cond, v_null = self(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return v_null + guidance * (v_cond - v_null)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class TinyDiT(GuidedVelocity, nn.Module):
     """Velocity model ``v_theta(x_t, t, text)`` on ``(B, C, H, W)`` images in ``[-1, 1]``."""
 
     def __init__(self, config: TinyDiTConfig | None = None):
@@ -131,12 +161,6 @@ class TinyDiT(nn.Module):
         """Recompute each block's activations in backward (diffusers' method name)."""
         self.gradient_checkpointing = True
 
-    def null_condition(self, batch: int) -> TextCondition:
-        cfg = self.config
-        mask = torch.zeros(batch, cfg.text_tokens, dtype=torch.bool, device=self.pos.device)
-        mask[:, 0] = True  # one visible (learned) token keeps the attention well defined
-        return TextCondition(self.null_tokens.expand(batch, -1, -1), mask, self.null_pooled.expand(batch, -1))
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition) -> torch.Tensor:
         cfg = self.config
         b = x.shape[0]
@@ -160,20 +184,3 @@ class TinyDiT(nn.Module):
         shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=-1)
         out = self.patch_out(_modulate(self.norm_out(h[:, : g * g]), shift, scale))
         return out.reshape(b, g, g, cfg.channels, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, cfg.channels, cfg.image_size, cfg.image_size)
-
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition, guidance: float = 1.0) -> torch.Tensor:
-        """``v = v_null + w (v_cond - v_null)``; ``w = 1`` is plain conditional sampling
-        (one pass), ``w > 1`` runs both branches in one batch (two passes)."""
-        if guidance == 1.0:
-            return self(x, t, cond)
-        null = self.null_condition(x.shape[0])
-        both = TextCondition(
-            torch.cat([cond.tokens.to(null.tokens.dtype), null.tokens]),
-            torch.cat([cond.mask.bool(), null.mask]),
-            torch.cat([cond.pooled.to(null.pooled.dtype), null.pooled]),
-        )
-        v_cond, v_null = self(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        return v_null + guidance * (v_cond - v_null)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())

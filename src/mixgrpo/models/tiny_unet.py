@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..text import MAX_TOKENS, TEXT_DIM
-from .tiny_dit import TextCondition, timestep_embedding
+from .tiny_dit import GuidedVelocity, TextCondition, timestep_embedding
 
 __all__ = ["TinyUNet", "TinyUNetConfig"]
 
@@ -119,7 +119,7 @@ class JointAttention(nn.Module):
         return seq.transpose(1, 2).reshape(b, c, h, w)
 
 
-class TinyUNet(nn.Module):
+class TinyUNet(GuidedVelocity, nn.Module):
     """Velocity model ``v_theta(x_t, t, text)`` on ``(B, C, H, W)`` images in ``[-1, 1]``."""
 
     def __init__(self, config: TinyUNetConfig | None = None):
@@ -182,12 +182,6 @@ class TinyUNet(nn.Module):
         """Recompute each unit's activations in backward (diffusers' method name)."""
         self.gradient_checkpointing = True
 
-    def null_condition(self, batch: int) -> TextCondition:
-        cfg = self.config
-        mask = torch.zeros(batch, cfg.text_tokens, dtype=torch.bool, device=self.null_tokens.device)
-        mask[:, 0] = True  # one visible (learned) token keeps the attention well defined
-        return TextCondition(self.null_tokens.expand(batch, -1, -1), mask, self.null_pooled.expand(batch, -1))
-
     def _unit(self, index: int, h: torch.Tensor, emb: torch.Tensor, cond: TextCondition) -> torch.Tensor:
         block = self.blocks[index]
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -216,21 +210,3 @@ class TinyUNet(nn.Module):
             for u in units:
                 h = self._unit(u, h, emb, cond)
         return self.head(F.silu(self.norm_out(h)))
-
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition, guidance: float = 1.0) -> torch.Tensor:
-        """``v = v_null + w (v_cond - v_null)``; ``w = 1`` is plain conditional sampling
-        (one pass), ``w > 1`` runs both branches in one batch (two passes)."""
-        if guidance == 1.0:
-            return self(x, t, cond)
-        null = self.null_condition(x.shape[0])
-        both = TextCondition(
-            torch.cat([cond.tokens.to(null.tokens.dtype), null.tokens]),
-            torch.cat([cond.mask.bool(), null.mask]),
-            torch.cat([cond.pooled.to(null.pooled.dtype), null.pooled]),
-        )
-        v_cond, v_null = self(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        return v_null + guidance * (v_cond - v_null)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-

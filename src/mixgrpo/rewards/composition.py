@@ -51,7 +51,7 @@ from ..world.grammar import BACKGROUND, COLOURS, SHAPES, CountSpec, PromptError,
 from ..world.render import shape_template
 from .base import check_images, register_reward
 
-__all__ = ["CompositionReward", "Detection", "Verdict", "detect_objects", "relation_holds", "score_spec"]
+__all__ = ["CompositionReward", "Detection", "PromptSpecs", "Verdict", "detect_objects", "relation_holds", "score_spec"]
 
 _PALETTE = np.array([BACKGROUND, *COLOURS.values()], dtype=np.float32)  # (7, 3), row 0 = background
 _COLOUR_NAMES = list(COLOURS)
@@ -165,8 +165,28 @@ def score_spec(spec: Spec, verdict: Verdict, *, margin: float, free: float, budg
     return credit * clean
 
 
+class PromptSpecs:
+    """Parses and caches the grammar specs of prompts; ``permissive`` turns prompts outside
+    the grammar into ``None`` (scored 0) instead of a :class:`~mixgrpo.world.PromptError`."""
+
+    def __init__(self, permissive: bool = False):
+        self.permissive = permissive
+        self._specs: dict[str, Spec | None] = {}
+
+    def _spec(self, prompt: str) -> Spec | None:
+        if prompt not in self._specs:
+            try:
+                spec = parse_prompt(prompt)
+            except PromptError:
+                if not self.permissive:
+                    raise
+                return None  # not cached: arbitrary text could grow the cache without bound
+            self._specs[prompt] = spec
+        return self._specs[prompt]
+
+
 @register_reward("composition")
-class CompositionReward:
+class CompositionReward(PromptSpecs):
     """Verifiable compositional reward for the embedded world, in [0, 1] (v2: template shapes).
 
     Args:
@@ -192,22 +212,10 @@ class CompositionReward:
             raise ValueError(f"area_tolerance must be in [0, 1), got {area_tolerance}")
         if free_pixels < 0 or not junk_budget > 0:
             raise ValueError(f"free_pixels must be >= 0 and junk_budget > 0, got {free_pixels}, {junk_budget}")
-        self.permissive = permissive
+        super().__init__(permissive)
         self.max_colour_distance = max_colour_distance
         self.min_iou, self.area_tolerance = min_iou, area_tolerance
         self.free_pixels, self.junk_budget = free_pixels, junk_budget
-        self._specs: dict[str, Spec | None] = {}
-
-    def _spec(self, prompt: str) -> Spec | None:
-        if prompt not in self._specs:
-            try:
-                spec = parse_prompt(prompt)
-            except PromptError:
-                if not self.permissive:
-                    raise
-                return None  # not cached: arbitrary text could grow the cache without bound
-            self._specs[prompt] = spec
-        return self._specs[prompt]
 
     def verdicts(self, images: torch.Tensor) -> list[Verdict]:
         """The objects and unexplained pixels of each ``(B, 3, H, W)`` image in [0, 1]."""

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..world.grammar import BACKGROUND, COLOURS, CountSpec, PromptError, Spec, parse_prompt
+from ..world.grammar import BACKGROUND, COLOURS, CountSpec, Spec
 from .base import check_images, register_reward
+from .composition import PromptSpecs
 
 __all__ = ["CompositionV1Reward"]
 
@@ -118,7 +119,7 @@ def score_spec(spec: Spec, objects: list[Detection], margin: float) -> float:
 
 
 @register_reward("composition-v1")
-class CompositionV1Reward:
+class CompositionV1Reward(PromptSpecs):
     """Verifiable compositional reward for the embedded world, in [0, 1].
 
     Args:
@@ -136,21 +137,9 @@ class CompositionV1Reward:
             raise ValueError(f"max_colour_distance must be > 0, got {max_colour_distance}")
         if not min_area >= 1:
             raise ValueError(f"min_area must be >= 1 pixel, got {min_area}")
-        self.permissive = permissive
+        super().__init__(permissive)
         self.max_colour_distance = max_colour_distance
         self.min_area = min_area
-        self._specs: dict[str, Spec | None] = {}
-
-    def _spec(self, prompt: str) -> Spec | None:
-        if prompt not in self._specs:
-            try:
-                spec = parse_prompt(prompt)
-            except PromptError:
-                if not self.permissive:
-                    raise
-                return None  # not cached: arbitrary text could grow the cache without bound
-            self._specs[prompt] = spec
-        return self._specs[prompt]
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Score ``(B, 3, H, W)`` images in [0, 1] against their prompts; returns ``(B,)`` float32."""

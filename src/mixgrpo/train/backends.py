@@ -73,8 +73,7 @@ def scheduler_shift(pipeline_dir: Path, latent_size: int) -> float:
 def _embedded(cfg: TrainConfig, model: nn.Module | None) -> Backend:
     from ..models.checkpoint import load_embedded
     from ..text import cached_embeddings
-    from ..world.grammar import heldout_eval_prompts
-    from ..world.grammar import split_prompts
+    from ..world.grammar import heldout_eval_prompts, split_prompts
 
     model = model if model is not None else load_embedded(cfg.model.checkpoint)
     train, heldout = split_prompts()

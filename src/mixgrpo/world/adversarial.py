@@ -14,7 +14,14 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage
 
-from .grammar import BACKGROUND, COLOURS, SHAPES, CountSpec, RelationSpec, Spec, perturb_one_attribute
+from .grammar import (
+    BACKGROUND,
+    COLOURS,
+    SHAPES,
+    RelationSpec,
+    Spec,
+    perturb_one_attribute,
+)
 from .render import render, shape_template
 
 __all__ = ["FAMILIES", "objects_of", "perturbed"]
