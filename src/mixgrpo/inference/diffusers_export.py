@@ -18,8 +18,7 @@ from pathlib import Path
 
 from ..models.diffusers_io import load_transformer
 from ..models.lora import add_lora, lora_config, merged_state_dict
-from .policy import latest_run_weights, load_named, pick_weights
-from .runs import read_run_model
+from .runs import latest_run_weights, load_named, pick_weights, read_run_model
 
 __all__ = ["LORA_WEIGHTS", "export_diffusers_run"]
 

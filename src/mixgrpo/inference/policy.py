@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from ..models.checkpoint import (
     BASE_CHECKPOINT,
@@ -47,11 +44,10 @@ from ..models.lora import (
     save_peft_adapter,
 )
 from ..models.tiny_dit import TextCondition
-from .verify import newest_intact
+from .runs import latest_run_weights, load_named, load_safetensors, pick_weights
 
 __all__ = ["Policy", "export_run", "load_policy"]
 
-logger = logging.getLogger(__name__)
 
 
 class _AdapterOff:
@@ -86,52 +82,6 @@ def _resolve_base(spec: str | None) -> Path:
     return BASE_CHECKPOINT if spec in (None, "base") else Path(spec)
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} is missing")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"weights file {path} is corrupt or not safetensors ({err})") from err
-
-
-def load_named(model: torch.nn.Module, names: list[str], state: dict[str, torch.Tensor], source: Path) -> None:
-    params = dict(model.named_parameters())
-    missing = [n for n in names if n not in state]
-    if missing:
-        raise ValueError(f"{source} lacks {len(missing)} trained tensor(s) (e.g. {missing[0]}); it belongs to another run or model")
-    with torch.no_grad():
-        for name in names:
-            if params[name].shape != state[name].shape:
-                raise ValueError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, the model expects {tuple(params[name].shape)}")
-            if not torch.isfinite(state[name]).all():
-                raise ValueError(f"{source}: tensor {name} holds NaN or Inf; use an earlier checkpoint")
-            params[name].copy_(state[name])
-
-
-def latest_run_weights(folder: Path, on_note: Callable[[str], None] | None = None) -> tuple[Path, dict[str, torch.Tensor]]:
-    """The newest intact checkpoint folder of a run and its trained tensors; ``on_note`` gets
-    one line when newer checkpoints were damaged and skipped (logged as a warning by default)."""
-    root = folder / "checkpoints"
-    found = newest_intact(root)  # raises CheckpointDamaged (ValueError) when every one is damaged
-    if found is None:
-        raise FileNotFoundError(f"run folder {folder} has no checkpoint yet (nothing in {root}); wait for its first checkpoint or pass another --checkpoint")
-    note = found.note()
-    if note:
-        note = note.replace("; resuming from", "; using")
-        if on_note is not None:
-            on_note(note)
-        else:
-            logger.warning(note)
-    return found.folder, _load_safetensors(found.folder / "weights.safetensors")
-
-
-def pick_weights(state: dict[str, torch.Tensor], ema: bool) -> tuple[dict[str, torch.Tensor], str]:
-    """The EMA tensors (``ema.`` prefix stripped) when asked for and present, else the live ones."""
-    prefix = "ema." if ema and any(k.startswith("ema.") for k in state) else ""
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, prefix or "live "
-
-
 def _load_run(folder: Path, name: str, ema: bool, on_note: Callable[[str], None] | None = None) -> Policy:
     from .runs import read_run_model  # the model section as YAML: inference does not import train
 
@@ -160,7 +110,7 @@ def _load_adapter(folder: Path, name: str) -> Policy:
     except (ValueError, KeyError) as err:
         raise ValueError(f"{folder / ADAPTER_CONFIG} is not a LoRA adapter config ({err})") from err
     model = add_lora(load_embedded(_resolve_base(base_spec)), rank, alpha)
-    state = _load_safetensors(folder / ADAPTER_WEIGHTS)
+    state = load_safetensors(folder / ADAPTER_WEIGHTS)
     # peft format: base_model.model.<module>.lora_A.weight -> our in-place names
     state = {k.removeprefix("base_model.model.").replace(".lora_A.weight", ".lora_A.default.weight")
              .replace(".lora_B.weight", ".lora_B.default.weight"): v for k, v in state.items()}

@@ -1,4 +1,5 @@
-"""What inference reads of a ``mixgrpo train`` run folder's ``config.yaml``: its model section.
+"""What inference reads of a ``mixgrpo train`` run folder: its ``config.yaml`` model section and
+its newest intact checkpoint's trained tensors.
 
 Inference sits below training (core <- models/rewards/world <- inference <- train), so it
 reads the resolved config as YAML instead of importing the training config classes. A run
@@ -8,12 +9,21 @@ cover hand-written or older files.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-__all__ = ["RunModel", "read_run_model"]
+from .verify import newest_intact
+
+__all__ = ["RunModel", "latest_run_weights", "load_named", "load_safetensors", "pick_weights", "read_run_model"]
+
+logger = logging.getLogger(__name__)
 
 _KINDS = ("embedded", "flux", "sd3")
 
@@ -52,3 +62,49 @@ def read_run_model(folder: str | Path) -> RunModel:
                         lora_targets=list(model.get("lora_targets") or []))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: bad model section ({err})") from None
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"weights file {path} is corrupt or not safetensors ({err})") from err
+
+
+def load_named(model: torch.nn.Module, names: list[str], state: dict[str, torch.Tensor], source: Path) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise ValueError(f"{source} lacks {len(missing)} trained tensor(s) (e.g. {missing[0]}); it belongs to another run or model")
+    with torch.no_grad():
+        for name in names:
+            if params[name].shape != state[name].shape:
+                raise ValueError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, the model expects {tuple(params[name].shape)}")
+            if not torch.isfinite(state[name]).all():
+                raise ValueError(f"{source}: tensor {name} holds NaN or Inf; use an earlier checkpoint")
+            params[name].copy_(state[name])
+
+
+def latest_run_weights(folder: Path, on_note: Callable[[str], None] | None = None) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The newest intact checkpoint folder of a run and its trained tensors; ``on_note`` gets
+    one line when newer checkpoints were damaged and skipped (logged as a warning by default)."""
+    root = folder / "checkpoints"
+    found = newest_intact(root)  # raises CheckpointDamaged (ValueError) when every one is damaged
+    if found is None:
+        raise FileNotFoundError(f"run folder {folder} has no checkpoint yet (nothing in {root}); wait for its first checkpoint or pass another --checkpoint")
+    note = found.note()
+    if note:
+        note = note.replace("; resuming from", "; using")
+        if on_note is not None:
+            on_note(note)
+        else:
+            logger.warning(note)
+    return found.folder, load_safetensors(found.folder / "weights.safetensors")
+
+
+def pick_weights(state: dict[str, torch.Tensor], ema: bool) -> tuple[dict[str, torch.Tensor], str]:
+    """The EMA tensors (``ema.`` prefix stripped) when asked for and present, else the live ones."""
+    prefix = "ema." if ema and any(k.startswith("ema.") for k in state) else ""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, prefix or "live "
