@@ -36,7 +36,7 @@ install: $(VENV)/.installed
 # An earlier runs/demo is kept, renamed with a timestamp, never overwritten.
 demo: install
 	@if [ -e $(DEMO_OUT) ]; then mv $(DEMO_OUT) $(DEMO_OUT).$$(date +%Y%m%d-%H%M%S); fi
-	$(VENV)/bin/mixgrpo train --preset mixgrpo --out $(DEMO_OUT) $(DEMO_ARGS)
+	$(VENV)/bin/mixgrpo train --preset mixgrpo --out $(DEMO_OUT) --set model.dtype=bfloat16 $(DEMO_ARGS)
 	@echo "pictures: $(DEMO_OUT)/samples/  curves: $(DEMO_OUT)/reward_curve.png $(DEMO_OUT)/eval_curve.png"
 
 # pytest exits 5 when it collects nothing; that must fail, and it does (non-zero).

@@ -17,8 +17,9 @@ __all__ = ["PRESETS", "make_preset"]
 
 def _cpu_scale(cfg: TrainConfig) -> None:
     """Budget shared by every preset on the embedded model (GPU papers: 12 images/prompt,
-    lr 1e-5 on FLUX, 300 iterations): 4 prompts x 8 images, 60 iterations, bf16 autocast
-    (about 2x faster on a CPU; the importance ratio stays exactly 1 at the update)."""
+    lr 1e-5 on FLUX, 300 iterations): 4 prompts x 8 images, 60 iterations. (`make demo`
+    adds ``model.dtype=bfloat16``: about 2x faster on a CPU, and the importance ratio stays
+    exactly 1 at the update.)"""
     cfg.iterations = 60
     cfg.prompts_per_iter = 4
     cfg.group_size = 8
@@ -26,7 +27,6 @@ def _cpu_scale(cfg: TrainConfig) -> None:
     # control on the same prompts and noise, lr 1e-4 lost 0.1-0.3 train reward within 20
     # iterations, 3e-5 and 1e-5 about 0.03; LoRA (r 8, lr 2e-4 or 1e-3) stayed level.
     cfg.optim.lr = 1e-5
-    cfg.model.dtype = "bfloat16"
     cfg.eval_every = 30
     cfg.eval_prompts = 256  # held-out mean to about +-0.04 (95%)
 
