@@ -62,7 +62,7 @@ class PretrainConfig:
         if self.prompts not in ("train", "all"):
             raise ValueError(f"prompts must be 'train' or 'all', got {self.prompts!r}")
         try:
-            build_embedded(self.architecture, self.model)
+            ARCHITECTURES[self.architecture][0](**self.model)  # the config class validates; no model is built
         except TypeError as err:
             raise ValueError(f"invalid {self.architecture} model fields: {err}") from err
         if self.steps < 1 or self.batch_size < 1 or self.save_every < 1:
