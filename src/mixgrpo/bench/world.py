@@ -88,6 +88,7 @@ def evaluate_checkpoint(model, prompts: list[str], *, steps: int = 25, guidance:
         "sampling_images_per_s": len(prompts) / seconds,
         "images": images,
         "scores": score,
+        "prompts": list(prompts),
     }
 
 
@@ -150,11 +151,11 @@ def main(argv: list[str] | None = None) -> dict:
             held_picks = np.random.default_rng(1).permutation(held["n"])[:24].tolist()
             images = torch.cat([single["images"][picks], held["images"][held_picks]])
             scores = torch.cat([single["scores"][picks], held["scores"][held_picks]])
-            prompts = [_single_object_prompts()[i] for i in picks] + [split_prompts()[1][i] for i in held_picks]
+            prompts = [single["prompts"][i] for i in picks] + [held["prompts"][i] for i in held_picks]
             save_comparison_grid(args.grid, images, prompts, scores)
             print(f"wrote {args.grid}")
         for name in ("single", "heldout", "train_relations"):
-            report[name] = {k: v for k, v in report[name].items() if k not in ("images", "scores")}
+            report[name] = {k: v for k, v in report[name].items() if k not in ("images", "scores", "prompts")}
         results.update(report)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
