@@ -7,6 +7,7 @@ optimizer step (after the all-reduce, full tensors) to argv[2] as ``ddp/<name>``
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def main(config: str, out: str, *overrides: str) -> None:
     base = apply_overrides(config_from_dict(yaml.safe_load(Path(config).read_text())), list(overrides))
     d = dist_from_environment(base.model.device)
     grads = {}
-    modes = ["ddp", "fsdp"] if d.enabled else ["one"]
+    modes = os.environ.get("MIXGRPO_PROBE_MODES", "ddp,fsdp").split(",") if d.enabled else ["one"]
     for mode in modes:
         cfg = apply_overrides(base, [f"parallel={mode if mode != 'one' else 'ddp'}"])
         grads.update({f"{mode}/{k}": v for k, v in first_step_gradients(cfg, d).items()})

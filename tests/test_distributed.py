@@ -123,6 +123,32 @@ def test_two_ranks_compute_the_single_process_gradient(config_file, tmp_path):
         assert worst <= 1e-6 * largest, f"{mode}: max |grad diff| {worst:.3g} vs largest entry {largest:.3g}"
 
 
+@pytest.mark.parametrize("preset", ["nft", "awm"])
+def test_forward_objectives_two_ranks_compute_the_single_process_gradient(tmp_path, preset):
+    """DiffusionNFT and AWM under DDP: the same first gradient as one process (their
+    re-noising draws by each sample's row in the whole batch, not by rank). FSDP keeps no
+    old policy yet, so DDP only."""
+    from dist_grad_probe import first_step_gradients
+    from mixgrpo.train.distributed import Dist
+
+    cfg = tiny_config(make_tiny_checkpoint(tmp_path / "tiny"), preset, "sampler.noise_per_group=true",
+                      "rewards={flatness: 1.0}", "optim.grad_clip=1e6")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    one = first_step_gradients(cfg, Dist())
+    out = tmp_path / "grads.safetensors"
+    probe = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             str(Path(__file__).parent / "dist_grad_probe.py"), str(path), str(out)]
+    result = subprocess.run(probe, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "MIXGRPO_PROBE_MODES": "ddp"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = {k.removeprefix("ddp/"): v for k, v in load_file(str(out)).items()}
+    largest = max(g.abs().max().item() for g in one.values())
+    assert two.keys() == one.keys() and largest > 0
+    worst = max((two[k] - one[k]).abs().max().item() for k in one)
+    assert worst <= 1e-6 * largest, f"max |grad diff| {worst:.3g} vs largest entry {largest:.3g}"
+
+
 def _weights_at_start(config_file):
     from mixgrpo.models.checkpoint import load_embedded
 

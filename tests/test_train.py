@@ -61,6 +61,13 @@ def test_gradients_flow_only_through_trained_steps_and_passes_match_accounting(t
     calls = _count_passes(trainer)
     row = trainer.step(1)
     plan, trained = trainer.plan(1)
+    if cfg.loss.objective != "grpo":  # forward-process loss: K times per sample, every sample trains
+        k = trainer.schedule.subset_size if trainer.schedule.sampled_per_sample else len(trained)
+        terms = k * -(-cfg.prompts_per_iter * cfg.group_size // cfg.optim.micro_batch)
+        assert row["trained_steps"] == k and calls["grad"] == terms
+        assert calls["no_grad"] == plan.num_steps + terms * cfg.loss.uses_old_policy  # + the old policy's passes
+        assert row["model_passes_per_image"] == config_model_passes(trainer.cfg, 1).total
+        return
     assert calls["grad"] == _loss_terms(trainer, cfg, 1, row)  # one grad pass per trained step and chunk
     assert calls["no_grad"] == plan.num_steps  # the rollout: one batched pass per plan step
     if not (cfg.sampler.shared_prefix or cfg.sampler.prune_offsets):  # branching: tests/test_branching.py
@@ -150,8 +157,9 @@ def test_train_cli_end_to_end_writes_every_output(tiny_checkpoint, tmp_path):
         assert key in summary, key
 
 
-def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny_checkpoint, tmp_path):
-    cfg = tiny_config(tiny_checkpoint)
+@pytest.mark.parametrize("preset", ["mixgrpo", "nft", "awm"])  # nft / awm: the old policy and step count resume too
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny_checkpoint, tmp_path, preset):
+    cfg = tiny_config(tiny_checkpoint, preset)
     full = GRPOTrainer(cfg)
     train(cfg, tmp_path / "full", trainer=full)
 
@@ -229,3 +237,30 @@ def test_bf16_autocast_and_ema(tiny_checkpoint):
     assert not torch.equal(state[name], start[name])
     ema_step = (state[f"ema.{name}"] - start[name]).abs().sum()
     assert 0 < ema_step < (state[name] - start[name]).abs().sum()
+
+
+def test_nft_old_policy_lags_and_samples(tiny_checkpoint):
+    """DiffusionNFT's old policy: after optimizer step n it is ``d theta_old + (1 - d) theta``
+    with ``d = min(0.001 n, 0.5)``, and it (not the trained weights) draws the rollouts."""
+    cfg = tiny_config(tiny_checkpoint, "nft", "optim.lr=1e-2")
+    trainer = GRPOTrainer(cfg)
+    start = [p.detach().clone() for p in trainer.params]
+    trainer.step(0)
+    trainer.step(1)
+    assert trainer.optimizer_steps == 2
+    theta = [p.detach().clone() for p in trainer.params]
+    assert any(not torch.equal(a, b) for a, b in zip(start, theta, strict=True))
+    # the old policy after step 1 (d = 0.001) is that step's weights, so recompute from the trace
+    probe = GRPOTrainer(cfg)
+    probe.step(0)
+    after_first = [p.detach().clone() for p in probe.params]
+    expected = [0.002 * (0.001 * s + 0.999 * a) + 0.998 * t for s, a, t in zip(start, after_first, theta, strict=True)]
+    for old, e in zip(trainer.old.tensors, expected, strict=True):
+        torch.testing.assert_close(old, e, rtol=0, atol=1e-7)
+    sampled = trainer.rollout(2).rollout.x0
+    current = GRPOTrainer(tiny_config(tiny_checkpoint, "nft", "sampler.rollout_policy=current", "loss.kl_beta=0.0"))
+    with torch.no_grad():
+        for p, old in zip(current.params, trainer.old.tensors, strict=True):
+            p.copy_(old)
+    torch.testing.assert_close(current.rollout(2).rollout.x0, sampled, rtol=0, atol=0)
+    assert not torch.equal(trainer.rollout(2).rollout.x0, GRPOTrainer(cfg).rollout(2).rollout.x0)

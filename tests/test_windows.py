@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -43,7 +44,10 @@ def test_steps_stay_inside_the_grid_and_off_the_final_step(schedule, iteration):
     assert steps, "a schedule must train at least one step"
     assert list(steps) == sorted(set(steps))
     assert steps[0] >= 0 and steps[-1] <= schedule.num_steps - 2  # never the step to t = 0
-    if schedule.name not in ("all", "random_subset"):
+    if schedule.name == "stratified":  # the union of the strata; each sample takes one step per stratum
+        mask = schedule.sample_steps(iteration, range(5))
+        assert (mask.sum(1) == schedule.size).all() and set(np.flatnonzero(mask.any(0))) <= set(steps)
+    elif schedule.name not in ("all", "random_subset"):
         assert len(steps) == schedule.size
         assert list(steps) == list(range(steps[0], steps[0] + schedule.size))
         if schedule.name == "random_range":
@@ -104,6 +108,13 @@ def test_the_other_schedules_train_what_they_promise(schedule):
             assert len(set(seen)) > 1  # drawn afresh each iteration
     elif schedule.name == "fixed":
         assert set(seen) == {tuple(range(schedule.start, schedule.start + schedule.size))}
+    elif schedule.name == "stratified":  # steps() is the union; the draws are per sample
+        high = trainable if schedule.high is None else schedule.high
+        assert set(seen) == {tuple(range(schedule.low, high))}
+        draws = [tuple(np.flatnonzero(m)) for i in range(20) for m in schedule.sample_steps(i, range(4))]
+        assert all(len(d) == schedule.size and schedule.low <= d[0] and d[-1] < high for d in draws)
+        if high - schedule.low > schedule.size:
+            assert len(set(draws)) > 1
     else:
         low, high = ((schedule.start, schedule.largest_start + schedule.size) if schedule.name == "random"
                      else (schedule.low, schedule.num_steps - 1 if schedule.high is None else schedule.high))

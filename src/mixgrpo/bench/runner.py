@@ -176,7 +176,8 @@ def _start_evaluations(jobs: list[tuple[ArmResult, GRPOTrainer]]) -> None:
     for result, trainer in jobs:
         # identical starting models and eval prompts share one starting evaluation
         key = (trainer.cfg.model.checkpoint, trainer.cfg.eval_prompts, json.dumps(trainer.cfg.rewards, sort_keys=True),
-               trainer.cfg.sampler.num_steps, trainer.cfg.sampler.shift, trainer.cfg.sampler.guidance)
+               trainer.cfg.eval_steps or trainer.cfg.sampler.num_steps, trainer.cfg.sampler.shift,
+               trainer.cfg.sampler.guidance)
         if key not in start_eval:
             start_eval[key] = _evaluate(trainer)
         result.evals.append((0, 0.0, start_eval[key]))

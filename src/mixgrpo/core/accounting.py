@@ -20,7 +20,7 @@ __all__ = ["ModelPasses", "count_model_passes"]
 class ModelPasses:
     sampling: int  # rollout passes (the plan's steps)
     training: int  # policy passes of the loss (forward + backward)
-    reference: int = 0  # reference-policy passes of the KL term (forward only)
+    reference: int = 0  # frozen-policy passes, forward only: the KL's reference, the NFT / AWM old policy
 
     @property
     def total(self) -> int:
@@ -28,18 +28,21 @@ class ModelPasses:
 
 
 def count_model_passes(
-    plan: SamplingPlan, num_trained_steps: int, *, cfg: bool = False, kl: bool = False
+    plan: SamplingPlan, num_trained_steps: int, *, cfg: bool = False, kl: bool = False, old: bool = False,
+    forward: bool = False,
 ) -> ModelPasses:
     """Passes per trained image for a sampling ``plan`` and ``num_trained_steps`` loss steps.
 
     ``cfg=True`` doubles every pass (conditional + unconditional branch); ``kl=True`` adds a
-    reference-policy pass per trained step.
+    reference-policy pass per trained step, ``old=True`` one of the old policy (DiffusionNFT,
+    AWM's EMA KL). ``forward=True``: the loss steps are times of the forward process, not the
+    plan's SDE steps (DiffusionNFT, AWM), so any number is allowed.
     """
-    if not 0 <= num_trained_steps <= len(plan.sde_steps):
+    if num_trained_steps < 0 or (not forward and num_trained_steps > len(plan.sde_steps)):
         raise ValueError(
             f"num_trained_steps must be in [0, {len(plan.sde_steps)}] (the plan's SDE steps), "
             f"got {num_trained_steps}"
         )
     factor = 2 if cfg else 1
     training = num_trained_steps * factor
-    return ModelPasses(sampling=plan.num_steps * factor, training=training, reference=training if kl else 0)
+    return ModelPasses(sampling=plan.num_steps * factor, training=training, reference=training * (int(kl) + int(old)))

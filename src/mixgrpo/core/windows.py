@@ -3,7 +3,9 @@
 Every schedule is a pure function of ``(iteration, seed)``: the same on every rank and on
 resume (the public MixGRPO code draws its random windows unseeded on each rank, so ranks
 disagree). Step ``T - 1`` ends at ``t = 0`` where the SDE has no density, so no schedule
-ever returns it: the trainable steps are ``0 .. T - 2``.
+returns it unless ``final_step`` is set: the trainable steps are ``0 .. T - 2``. The
+forward-process losses (DiffusionNFT, AWM) need no density and train at a step's start
+time, so for them ``final_step=True`` makes ``0 .. T - 1`` trainable.
 
 MixGRPO's sliding window ``W(l) = {l, ..., l + w - 1}`` starts at the noisiest step and
 moves by the stride ``s`` every ``interval`` iterations, ``l <- min(l + s, l_max)``.
@@ -27,8 +29,12 @@ WINDOW_SCHEDULES: tuple[str, ...] = (
     "fixed",  # a frozen window (MixGRPO-Flash*: steps 0-3)
     "random_range",  # Flow-GRPO-Fast: random window inside [low, high)
     "random_subset",  # DanceGRPO: a random fraction of all trainable steps
+    "stratified",  # AWM: `size` strata of [low, high), one step drawn in each, per sample
     "all",  # Flow-GRPO: every trainable step
 )
+
+
+_PER_SAMPLE = ("random_subset", "stratified")
 
 
 def _rng(seed: int, iteration: int, *more: int) -> np.random.Generator:
@@ -56,10 +62,13 @@ class WindowSchedule:
             ``max_timesteps`` and truncates the window there instead).
         rollback: past ``max_start``, jump back to ``start`` instead of staying there.
         low, high: ``random_range``: the window lies in ``[low, high)``.
-        fraction: ``random_subset``'s share of the ``T - 1`` trainable steps (DanceGRPO 0.6).
-        per_sample: ``random_subset`` only: each sample draws its own subset (DanceGRPO's
+        fraction: ``random_subset``'s share of the trainable steps (DanceGRPO 0.6 of
+            ``T - 1``; DiffusionNFT 0.99 of ``T`` with ``final_step``).
+        per_sample: each sample draws its own steps (``random_subset``: DanceGRPO's
             reference draws a fresh permutation per sample and trains its first
-            ``int(fraction (T - 1))`` steps); see :meth:`sample_steps`.
+            ``int(fraction (T - 1))`` steps; ``stratified`` is always per sample); see
+            :meth:`sample_steps`.
+        final_step: step ``T - 1`` is trainable too (forward-process losses only).
         seed: for the random schedules.
     """
 
@@ -78,6 +87,7 @@ class WindowSchedule:
     high: int | None = None
     fraction: float = 0.6
     per_sample: bool = False
+    final_step: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -87,10 +97,16 @@ class WindowSchedule:
             raise ValueError(
                 f"num_steps must be an integer >= 2 (a trainable step plus the final one), got {self.num_steps!r}"
             )
-        trainable = self.num_steps - 1
-        if self.per_sample and self.name != "random_subset":
+        trainable = self.trainable
+        if self.per_sample and self.name not in _PER_SAMPLE:
             raise ValueError(f"per-sample step subsets need the random_subset schedule, not {self.name!r}")
         if self.name == "all":
+            return
+        if self.name == "stratified":
+            high = trainable if self.high is None else self.high
+            if not 0 <= self.low < high <= trainable or not 1 <= self.size <= high - self.low:
+                raise ValueError(f"stratified needs 0 <= low < high <= {trainable} and 1 <= size <= high - low; "
+                                 f"got low={self.low}, high={high}, size={self.size}")
             return
         if self.name == "random_subset":
             if not 0 < self.fraction <= 1:
@@ -123,8 +139,13 @@ class WindowSchedule:
                 )
 
     @property
+    def trainable(self) -> int:
+        """How many steps may train: ``T - 1``, or ``T`` with ``final_step``."""
+        return self.num_steps if self.final_step else self.num_steps - 1
+
+    @property
     def largest_start(self) -> int:
-        return self.num_steps - 1 - self.size if self.max_start is None else self.max_start
+        return self.trainable - self.size if self.max_start is None else self.max_start
 
     def interval_at(self, start: int) -> int:
         """Iterations the window stays at ``start`` (``progressive``, ``decay``, ``exp_decay``)."""
@@ -148,7 +169,7 @@ class WindowSchedule:
         if self.name == "random":
             return int(_rng(self.seed, iteration).integers(self.start, cap + 1))
         if self.name == "random_range":
-            high = self.num_steps - 1 if self.high is None else self.high
+            high = self.trainable if self.high is None else self.high
             return int(_rng(self.seed, iteration).integers(self.low, high - self.size + 1))
         # l <- min(l + s, cap) after each position's interval, or back to `start` (rollback)
         positions = list(range(self.start, cap + 1, self.stride))
@@ -165,11 +186,13 @@ class WindowSchedule:
 
     def steps(self, iteration: int) -> tuple[int, ...]:
         """Sorted indices of the trained (stochastic) steps at ``iteration``."""
-        trainable = self.num_steps - 1
-        if self.per_sample and self.name != "random_subset":
+        trainable = self.trainable
+        if self.per_sample and self.name not in _PER_SAMPLE:
             raise ValueError(f"per-sample step subsets need the random_subset schedule, not {self.name!r}")
         if self.name == "all":
             return tuple(range(trainable))
+        if self.name == "stratified":  # the union over samples
+            return tuple(range(self.low, trainable if self.high is None else self.high))
         if self.name == "random_subset":
             if self.per_sample:  # the union over samples: any step may be some sample's
                 return tuple(range(trainable))
@@ -181,22 +204,40 @@ class WindowSchedule:
 
     @property
     def subset_size(self) -> int:
-        """``random_subset``: steps trained per sample, ``max(1, int(fraction (T - 1)))``."""
-        return max(1, int(self.fraction * (self.num_steps - 1)))
+        """Steps trained per sample: ``random_subset``'s ``max(1, int(fraction x trainable))``,
+        ``stratified``'s ``size``."""
+        if self.name == "stratified":
+            return self.size
+        return max(1, int(self.fraction * self.trainable))
+
+    @property
+    def sampled_per_sample(self) -> bool:
+        """Whether each sample draws its own steps (:meth:`sample_steps`)."""
+        return self.per_sample or self.name == "stratified"
+
+    def _stratified(self, rng: np.random.Generator) -> list[int]:
+        """AWM's ``discrete_wo_init`` draw (scxue/advantage_weighted_matching @ be51372,
+        ``scripts/train_sd3_awm.py``): stratum bounds ``int(linspace(low, high, size + 1))``,
+        one index uniform in each ``[lower, upper)``."""
+        high = self.trainable if self.high is None else self.high
+        bounds = np.linspace(self.low, high, self.size + 1).astype(np.int64)
+        u = rng.random(self.size)
+        return [int(lo + np.floor(x * (hi - lo))) for lo, hi, x in zip(bounds[:-1], bounds[1:], u, strict=True)]
 
     def sample_steps(self, iteration: int, sample_ids: Sequence[int]) -> np.ndarray:
-        """``(n, T - 1)`` bool: which trainable steps each sample trains at ``iteration``.
+        """``(n, trainable)`` bool: which trainable steps each sample trains at ``iteration``.
 
         With ``per_sample`` each sample (by its id, e.g. its row in the whole batch, so the
         draw does not depend on the rank that holds it) gets its own subset; otherwise
         every row repeats :meth:`steps`."""
-        trainable = self.num_steps - 1
+        trainable = self.trainable
         mask = np.zeros((len(sample_ids), trainable), dtype=bool)
-        if not self.per_sample:
+        if not self.sampled_per_sample:
             mask[:, list(self.steps(iteration))] = True
             return mask
         for row, sid in enumerate(sample_ids):
-            mask[row, _rng(self.seed, iteration, 1, sid).permutation(trainable)[: self.subset_size]] = True
+            rng = _rng(self.seed, iteration, 1, sid)
+            mask[row, self._stratified(rng) if self.name == "stratified" else rng.permutation(trainable)[: self.subset_size]] = True
         return mask
 
 

@@ -106,5 +106,7 @@ def latest_run_weights(folder: Path, on_note: Callable[[str], None] | None = Non
 
 def pick_weights(state: dict[str, torch.Tensor], ema: bool) -> tuple[dict[str, torch.Tensor], str]:
     """The EMA tensors (``ema.`` prefix stripped) when asked for and present, else the live ones."""
-    prefix = "ema." if ema and any(k.startswith("ema.") for k in state) else ""
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, prefix or "live "
+    if ema and any(k.startswith("ema.") for k in state):
+        return {k[4:]: v for k, v in state.items() if k.startswith("ema.")}, "ema."
+    # the rest is trainer state: the old policy of DiffusionNFT / AWM (``old.``), step counts (``state.``)
+    return {k: v for k, v in state.items() if not k.startswith(("ema.", "old.", "state."))}, "live "

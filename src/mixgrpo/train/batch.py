@@ -30,6 +30,9 @@ class RolloutBatch:
     group_size: int  # members per group in this batch (after any pruning)
     rewards: dict[str, torch.Tensor] | None = None  # already scored (rewards_in_background)
     trained_mask: torch.Tensor | None = None  # (N, len(trained)) bool: the trained steps of each sample; None: all
+    loss_times: torch.Tensor | None = None  # (N, K) forward-process objectives: each sample's K loss times
+    iteration: int = 0
+    row_ids: list[int] | None = None  # each sample's row in the whole batch (all ranks): its noise streams
 
     def sample_mask(self) -> torch.Tensor:
         """``(N, len(trained))`` bool: which of the trained positions each sample trains."""

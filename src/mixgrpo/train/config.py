@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import yaml
 
+from ..core.forward_losses import AWM_WEIGHTINGS, OBJECTIVES
 from ..core.grpo import MULTI_REWARD_MODES, STD_MODES
 from ..core.objective import KL_FORMS
 from ..core.sampler import ODE_SOLVERS
@@ -43,7 +44,8 @@ class SamplerConfig:
     shift: float | str = 3.0  # time shift of the grid (MixGRPO FLUX scripts: 3); "scheduler" = the model's scheduler config
     sde_kind: str = "flow_grpo"  # flow_grpo | dance | cps: the exploration step
     noise_level: float = 0.7  # a (flow_grpo, cps) or eta (dance)
-    sde_on: str = "trained"  # "trained": SDE only on trained steps (MixGRPO); "all": every trainable step
+    sde_on: str = "trained"  # "trained": SDE only on trained steps (MixGRPO); "all": every trainable step; "none": ODE only
+    rollout_policy: str = "current"  # current | old: sample with the lagging old policy (DiffusionNFT)
     ode_solver: str = "euler"  # ODE steps outside the SDE steps
     flash_compression: float | None = None  # MixGRPO-Flash: DPM-Solver++ on a compressed grid after the window
     dpm_order: int = 2  # DPM-Solver++ order for Flash's tail
@@ -60,8 +62,13 @@ class SamplerConfig:
             raise ValueError(f"sampler.num_steps must be >= 2, got {self.num_steps}")
         if self.sde_kind not in SDE_KINDS:
             raise ValueError(f"sampler.sde_kind {self.sde_kind!r} is not one of {SDE_KINDS}")
-        if self.sde_on not in ("trained", "all"):
-            raise ValueError(f"sampler.sde_on must be 'trained' or 'all', got {self.sde_on!r}")
+        if self.sde_on not in ("trained", "all", "none"):
+            raise ValueError(f"sampler.sde_on must be 'trained', 'all' or 'none', got {self.sde_on!r}")
+        if self.sde_on == "none" and self.shared_noise:
+            raise ValueError("sampler.sde_on=none samples deterministically, so a group sharing its initial noise "
+                             "would be G copies of one image: set sampler.shared_noise=false")
+        if self.rollout_policy not in ("current", "old"):
+            raise ValueError(f"sampler.rollout_policy must be 'current' or 'old', got {self.rollout_policy!r}")
         if self.ode_solver not in ODE_SOLVERS:
             raise ValueError(f"sampler.ode_solver {self.ode_solver!r} is not one of {ODE_SOLVERS}")
         if self.flash_compression is not None and not 0 < self.flash_compression <= 1:
@@ -100,11 +107,12 @@ class ScheduleConfig:
     high: int | None = None
     fraction: float = 0.6  # random_subset share of trainable steps (DanceGRPO: 0.6)
     per_sample: bool = False  # random_subset: a fresh subset per sample (DanceGRPO's per-sample randperm)
+    final_step: bool = False  # the last grid step may train too (forward-process objectives: no SDE density needed)
 
     def validate(self) -> None:
         if self.name not in WINDOW_SCHEDULES:
             raise ValueError(f"schedule.name {self.name!r} is not one of {WINDOW_SCHEDULES}")
-        if self.per_sample and self.name != "random_subset":
+        if self.per_sample and self.name not in ("random_subset", "stratified"):
             raise ValueError(f"schedule.per_sample needs schedule.name=random_subset, got {self.name!r}")
 
 
@@ -122,6 +130,17 @@ class LossConfig:
     logprob_form: str = "gaussian"  # gaussian (exact density) | flow_grpo_cps: -(x'-mu)^2 (Flow-GRPO's cps)
     multi_reward_mode: str = "normalize_then_sum"  # MixGRPO/DanceGRPO; Flow-GRPO: sum_then_normalize
     ovf_keep: int | None = None  # Pro-GRPO OVF: train on the k of each group with maximal reward variance
+    # grpo: clipped ratio of SDE transition densities; nft / awm: forward-process losses on re-noised clean samples
+    objective: str = "grpo"
+    nft_beta: float = 1.0  # DiffusionNFT's mixing coefficient beta (reference: 1; 0.1 for OCR / multi-reward)
+    awm_weighting: str = "ghuber"  # AWM's per-time weighting of the matching error (reference configs: ghuber)
+    awm_power: float = 0.25  # AWM's generalised-Huber power p
+    old_kl_beta: float = 0.0  # weight of mean (v - v_old)^2 (AWM's KL to its EMA adapter: 1)
+    # old policy theta_old <- d theta_old + (1 - d) theta after each optimizer step,
+    # d = min(old_rate * (step - old_flat), old_max), 0 before old_flat (DiffusionNFT: 0, 0.001, 0.5)
+    old_flat: int = 0
+    old_rate: float = 0.001
+    old_max: float = 0.5
 
     def validate(self) -> None:
         if not self.clip_range > 0:
@@ -143,6 +162,25 @@ class LossConfig:
             raise ValueError(f"loss.kl_form {self.kl_form!r} is not one of {KL_FORMS}")
         if self.logprob_form not in LOG_PROB_FORMS:
             raise ValueError(f"loss.logprob_form {self.logprob_form!r} is not one of {LOG_PROB_FORMS}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"loss.objective {self.objective!r} is not one of {OBJECTIVES}")
+        if self.awm_weighting not in AWM_WEIGHTINGS:
+            raise ValueError(f"loss.awm_weighting {self.awm_weighting!r} is not one of {AWM_WEIGHTINGS}")
+        if not self.nft_beta > 0 or not self.awm_power > 0 or self.old_kl_beta < 0:
+            raise ValueError(f"loss.nft_beta and loss.awm_power must be > 0 and loss.old_kl_beta >= 0, got "
+                             f"{self.nft_beta}, {self.awm_power}, {self.old_kl_beta}")
+        if self.old_flat < 0 or self.old_rate < 0 or not 0 <= self.old_max < 1:
+            raise ValueError(f"loss.old_flat and loss.old_rate must be >= 0 and loss.old_max in [0, 1), got "
+                             f"{self.old_flat}, {self.old_rate}, {self.old_max}")
+        if self.objective == "nft" and self.adv_clip is None:
+            raise ValueError("loss.objective=nft maps advantages to [0, 1] through A_max: set loss.adv_clip (e.g. 5)")
+        if self.objective != "grpo" and self.ovf_keep is not None:
+            raise ValueError("loss.ovf_keep (Pro-GRPO's OVF) works with loss.objective=grpo only")
+
+    @property
+    def uses_old_policy(self) -> bool:
+        """Whether the loss reads a lagging copy of the weights (NFT's old policy, AWM's EMA)."""
+        return self.objective == "nft" or self.old_kl_beta > 0
 
 
 @dataclass
@@ -218,6 +256,7 @@ class TrainConfig:
     parallel: str = "ddp"  # under torchrun: ddp (replicated weights) | fsdp (FSDP2-sharded, DCP checkpoints)
     eval_every: int = 20  # held-out evaluation interval (iterations), also at start and end
     eval_prompts: int = 64  # held-out prompts per evaluation
+    eval_steps: int | None = None  # Euler steps of the held-out samples (None: sampler.num_steps)
     checkpoint_every: int = 10  # iterations between checkpoints
     keep_checkpoints: int = 2  # retention
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -258,6 +297,8 @@ class TrainConfig:
         weights = self.reward_weights
         if not weights or any(w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
             raise ValueError(f"rewards must map reward names to weights >= 0 with a positive sum, got {self.rewards}")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise ValueError(f"eval_steps must be >= 1 or null, got {self.eval_steps}")
         if self.eval_every < 1 or self.eval_prompts < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("eval_every, eval_prompts, checkpoint_every and keep_checkpoints must be >= 1")
         survivors = self.sampler.prune_keep if self.sampler.prune_keep is not None else self.group_size
@@ -267,13 +308,25 @@ class TrainConfig:
         if self.loss.ovf_keep is not None and not 2 <= self.loss.ovf_keep < survivors:
             raise ValueError(f"loss.ovf_keep must be in [2, {survivors - 1}]: k below the (surviving) group of "
                              f"{survivors}, got {self.loss.ovf_keep}")
-        if self.schedule.per_sample and self.sampler.sde_on != "all":
+        forward = self.loss.objective != "grpo"
+        per_sample = self.schedule.per_sample or self.schedule.name == "stratified"
+        if per_sample and not forward and self.sampler.sde_on != "all":
             raise ValueError("schedule.per_sample trains different steps per sample, so every step must be an SDE "
                              "step: set sampler.sde_on=all")
+        if self.schedule.final_step and not forward:
+            raise ValueError("schedule.final_step trains the step that ends at t = 0, where an SDE step has no "
+                             "density: it needs loss.objective=nft or awm")
+        if self.sampler.sde_on == "none" and not forward:
+            raise ValueError("sampler.sde_on=none leaves no stochastic step for the GRPO loss: use "
+                             "loss.objective=nft or awm, or sde_on=trained")
+        if forward and self.sampler.prune_keep is not None:
+            raise ValueError("Expand-and-Prune (sampler.prune_keep) needs loss.objective=grpo")
+        if self.sampler.rollout_policy == "old" and not self.loss.uses_old_policy:
+            raise ValueError("sampler.rollout_policy=old needs an old policy: loss.objective=nft or loss.old_kl_beta > 0")
         if self.loss.logprob_form == "flow_grpo_cps" and self.sampler.sde_kind != "cps":
             raise ValueError(f"loss.logprob_form=flow_grpo_cps is Flow-GRPO's log-prob for CPS steps; it needs "
                              f"sampler.sde_kind=cps, got {self.sampler.sde_kind!r}")
-        trainable = self.sampler.num_steps - 1
+        trainable = self.sampler.num_steps - (0 if self.schedule.final_step else 1)
         if self.schedule.name not in ("all", "random_subset") and self.schedule.size > trainable:
             raise ValueError(
                 f"schedule.size {self.schedule.size} is larger than the {trainable} trainable steps of a "

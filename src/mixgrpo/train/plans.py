@@ -32,6 +32,8 @@ def sampling_plan(
     ``cfg.sampler.shift`` must be a number."""
     s = cfg.sampler
     trained = schedule.steps(iteration)
+    if s.sde_on == "none":  # forward-process objectives: a deterministic sampler, the schedule picks loss times
+        return mixed_plan(grid, (), s.ode_solver), trained
     if s.sde_on == "all":
         return mixed_plan(grid, range(s.num_steps - 1), s.ode_solver), trained
     if s.flash_compression is not None:
@@ -46,8 +48,9 @@ def config_model_passes(cfg: TrainConfig, iteration: int = 0) -> ModelPasses:
     schedule = make_schedule(cfg)
     plan, trained = sampling_plan(cfg, schedule, uniform_grid(cfg.sampler.num_steps, shift=cfg.sampler.shift),
                                   iteration)
-    per_sample = schedule.subset_size if schedule.per_sample else len(trained)
-    one = count_model_passes(plan, per_sample, cfg=cfg.sampler.guidance != 1.0, kl=cfg.loss.kl_beta > 0)
+    per_sample = schedule.subset_size if schedule.sampled_per_sample else len(trained)
+    one = count_model_passes(plan, per_sample, cfg=cfg.sampler.guidance != 1.0, kl=cfg.loss.kl_beta > 0,
+                             old=cfg.loss.uses_old_policy, forward=cfg.loss.objective != "grpo")
     epochs = cfg.optim.inner_epochs
     return ModelPasses(one.sampling, one.training * epochs, one.reference * epochs)
 

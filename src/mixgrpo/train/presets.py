@@ -132,6 +132,50 @@ def mixgrpo_pro(cfg: TrainConfig) -> None:
     cfg.sampler.prune_offsets, cfg.sampler.prune_keep = [0, 1], 8
 
 
+def _forward_process(cfg: TrainConfig) -> None:
+    """Shared by the likelihood-free presets: deterministic rollouts from independent noise
+    (a shared noise would make a group G copies of one image), no CFG, advantages with one
+    global std (both references' ``global_std``), ``A_max`` 5, evaluation on the same 25-step
+    grid as every other preset."""
+    _cpu_scale(cfg)
+    cfg.sampler.sde_on, cfg.sampler.shared_noise, cfg.sampler.guidance = "none", False, 1.0
+    cfg.loss.std_mode, cfg.loss.std_unbiased, cfg.loss.adv_eps, cfg.loss.adv_clip = "global", False, 1e-4, 5.0
+    cfg.loss.multi_reward_mode = "sum_then_normalize"
+    cfg.schedule.final_step = True
+    cfg.eval_steps = 25
+
+
+def nft(cfg: TrainConfig) -> None:
+    """DiffusionNFT (NVlabs/DiffusionNFT @ 24af555, ``scripts/train_nft_sd3.py``,
+    ``config/nft.py``): rollouts by the old policy with 10-step second-order DPM-Solver++; per
+    sample a fresh permutation of the 10 grid times, of which ``int(0.99 * 10) = 9`` train;
+    ``r = 1/2 + 1/2 clip(A / 5, -1, 1)``; the NFT loss with beta 1 and the code's adaptive
+    weighting; ``1e-4 mean (v - v_ref)^2`` to the base; old policy
+    ``d = min(0.001 * step, 0.5)``. lr: see ``_cpu_scale`` (the reference: 3e-4 on a LoRA)."""
+    _forward_process(cfg)
+    cfg.sampler.num_steps, cfg.sampler.ode_solver, cfg.sampler.rollout_policy = 10, "dpm2", "old"
+    cfg.schedule.name, cfg.schedule.fraction, cfg.schedule.per_sample = "random_subset", 0.99, True
+    cfg.loss.objective, cfg.loss.nft_beta, cfg.loss.kl_beta = "nft", 1.0, 1e-4
+    cfg.loss.old_flat, cfg.loss.old_rate, cfg.loss.old_max = 0, 0.001, 0.5
+
+
+def awm(cfg: TrainConfig) -> None:
+    """AWM, advantage weighted matching (scxue/advantage_weighted_matching @ be51372,
+    ``scripts/train_sd3_awm.py``, ``config/dgx_awm.py``): on-policy rollouts of 14 steps; per
+    sample 6 times, one in each stratum of grid indices [1, 12) (``discrete_wo_init``); the
+    generalised-Huber matching log-likelihood (p = 0.25) in a PPO ratio with clip 1 and
+    advantages scaled to [-1, 1]; ``1e-3 mean (v - v_ref)^2`` to the base and
+    ``1 x mean (v - v_ema)^2`` to an EMA copy with ``d = min(0.001 * step, 0.3)``. Deviation:
+    the reference samples with SA-Solver (noise 0.4 inside sigma in [0.3, 0.9] for GenEval,
+    none for PickScore); ours with deterministic DPM-Solver++(2), as its PickScore config."""
+    _forward_process(cfg)
+    cfg.sampler.num_steps, cfg.sampler.ode_solver = 14, "dpm2"
+    cfg.schedule.name, cfg.schedule.size, cfg.schedule.low, cfg.schedule.high = "stratified", 6, 1, 12
+    cfg.loss.objective, cfg.loss.awm_weighting, cfg.loss.awm_power = "awm", "ghuber", 0.25
+    cfg.loss.clip_range, cfg.loss.kl_beta, cfg.loss.old_kl_beta = 1.0, 1e-3, 1.0
+    cfg.loss.old_flat, cfg.loss.old_rate, cfg.loss.old_max = 0, 0.001, 0.3
+
+
 PRESETS: dict[str, Callable[[TrainConfig], None]] = {
     "mixgrpo": mixgrpo,
     "mixgrpo-cps": mixgrpo_cps,
@@ -142,6 +186,8 @@ PRESETS: dict[str, Callable[[TrainConfig], None]] = {
     "pro-grpo": pro_grpo,
     "mixgrpo-prefix": mixgrpo_prefix,
     "mixgrpo-pro": mixgrpo_pro,
+    "nft": nft,
+    "awm": awm,
 }
 
 

@@ -40,6 +40,7 @@ from .distributed import (
     check_distributed_config,
     sum_over_ranks,
 )
+from .forward_update import OldPolicy, forward_update
 from .fsdp import shard_model
 from .plans import make_schedule, sampling_plan
 
@@ -102,7 +103,15 @@ class GRPOTrainer:
             self.ddp = DistributedDataParallel(PolicyVelocity(self.model), find_unused_parameters=True,
                                                device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.optimizer_steps = 0  # taken so far (skipped ones not counted); the old policy's decay reads it
         self.ema = [p.detach().clone() for p in self.params] if cfg.optim.ema else None
+        self.old: OldPolicy | None = None
+        if cfg.loss.uses_old_policy:
+            if self.sharded:
+                raise ValueError(f"loss.objective={cfg.loss.objective} keeps an old policy, which FSDP sharding does "
+                                 "not support yet: run it with parallel=ddp")
+            lc = cfg.loss
+            self.old = OldPolicy(self.params, lc.old_flat, lc.old_rate, lc.old_max)
         self.train_prompts, self.eval_prompts = self.backend.train_prompts, self.backend.eval_prompts
         self.rewards = {name: get_reward(name, **options) for name, options in cfg.reward_options.items()}
         s = cfg.sampler
@@ -147,8 +156,13 @@ class GRPOTrainer:
         n_groups = batch.images.shape[0] // batch.group_size
         trained_samples = n_groups * (self.cfg.loss.ovf_keep or batch.group_size)
         sampling = batch.rollout.row_passes * per_call
-        steps_per_sample = batch.sample_mask().sum(1).float().mean().item() if batch.trained else 0.0
-        with_reference = 2 if self.cfg.loss.kl_beta > 0 else 1
+        lc = self.cfg.loss
+        if batch.loss_times is not None:  # forward-process loss: its times, plus old-policy passes
+            steps_per_sample = batch.loss_times.shape[1]
+            with_reference = 1 + (lc.kl_beta > 0) + (lc.objective == "nft" or lc.old_kl_beta > 0)
+        else:
+            steps_per_sample = batch.sample_mask().sum(1).float().mean().item() if batch.trained else 0.0
+            with_reference = 2 if lc.kl_beta > 0 else 1
         training = steps_per_sample * trained_samples * per_call * self.cfg.optim.inner_epochs * with_reference
         return (sampling + training) / trained_samples
 
@@ -178,7 +192,8 @@ class GRPOTrainer:
         self.model.eval()
         step = s.groups_per_call or p
         parts, finished = [], []
-        with ThreadPoolExecutor(1) if cfg.rewards_in_background else nullcontext() as pool:
+        old = self.old.swapped(self.params) if s.rollout_policy == "old" else nullcontext()
+        with old, ThreadPoolExecutor(1) if cfg.rewards_in_background else nullcontext() as pool:
             for first in range(0, p, step):
                 groups = range(first, min(first + step, p))
                 rows = torch.arange(groups.start * g, groups.stop * g, device=self.device)
@@ -199,14 +214,19 @@ class GRPOTrainer:
         if s.prune_keep is not None:
             group_size = s.prune_keep
             prompts, cond = [prompts[i] for i in out.kept.tolist()], cond.index(out.kept)
+        ids = [gi * g + j for gi in local for j in range(g)]  # rows in the whole batch
+        if cfg.loss.objective != "grpo":  # forward-process loss: each sample's loss times on the training grid
+            steps = torch.from_numpy(self.schedule.sample_steps(iteration, ids))
+            times = self.grid[:-1].float()[steps.nonzero()[:, 1]].view(len(ids), -1)
+            return RolloutBatch(prompts, cond, out, images, [], plan, group_size, rewards, None, times, iteration, ids)
         trained_set = set(trained)
         positions = [i for i, k in enumerate(out.transitions.step_index) if k in trained_set]
         mask = None
         if self.schedule.per_sample:  # each sample its own steps, drawn by its row in the whole batch
-            ids = [gi * g + j for gi in local for j in range(g)]
             steps = [out.transitions.step_index[i] for i in positions]
             mask = torch.from_numpy(self.schedule.sample_steps(iteration, ids)[:, steps])[out.kept.cpu()]
-        return RolloutBatch(prompts, cond, out, images, positions, plan, group_size, rewards, mask)
+        return RolloutBatch(prompts, cond, out, images, positions, plan, group_size, rewards, mask,
+                            iteration=iteration, row_ids=ids)
 
     def _decode_and_score(self, x0: torch.Tensor, prompts: list[str], score_now: bool):
         """Images of final samples (CPU, [0, 1]) and, when asked, every reward on them."""
@@ -242,11 +262,30 @@ class GRPOTrainer:
         return Advantages(advantages, valid, sub.num_zero_variance_groups)
 
     # ------------------------------------------------------------------ update
+    def optimizer_step(self, loss_finite: bool) -> bool:
+        """Clip the accumulated gradients and step (and the EMA); a NaN/Inf loss or gradient
+        would poison the weights, so that step is dropped (returns False, the caller counts it)."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if not (torch.isfinite(grad_norm) and loss_finite):
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        self.optimizer.step()
+        self.optimizer_steps += 1
+        if self.ema is not None:
+            with torch.no_grad():
+                for e, p in zip(self.ema, self.params, strict=True):
+                    e.lerp_(p.detach(), 1 - self.cfg.optim.ema)
+        return True
+
     def update(self, batch: RolloutBatch, adv: Advantages) -> dict[str, float]:
         """The loss of :func:`~mixgrpo.core.objective.step_loss` on each sample's trained steps,
         gradients accumulated over micro-batches of the samples that carry signal, one AdamW
         step per inner epoch. Each sample's terms weigh ``1 / (n_valid * its trained steps)``:
-        the loss is the mean over samples of their mean over trained steps."""
+        the loss is the mean over samples of their mean over trained steps. The
+        forward-process objectives go to :func:`~mixgrpo.train.forward_update.forward_update`."""
+        if self.cfg.loss.objective != "grpo":
+            return forward_update(self, batch, adv)
         cfg, tr = self.cfg, batch.rollout.transitions
         valid = adv.valid.nonzero().squeeze(1).to(self.device)
         advantages = adv.advantages.to(self.device)
@@ -292,18 +331,8 @@ class GRPOTrainer:
                         stats[key] += st[key].item()
                     terms += 1
             stats["loss"] = epoch_loss + sum_over_ranks(stats["loss"] - epoch_loss, self.dist)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            if not (torch.isfinite(grad_norm) and math.isfinite(stats["loss"])):
-                # a NaN/Inf step would poison the weights: drop it, the caller counts it
-                self.optimizer.zero_grad(set_to_none=True)
+            if not self.optimizer_step(math.isfinite(stats["loss"])):
                 stats["skipped_update"] = 1.0
-                continue
-            self.optimizer.step()
-            if self.ema is not None:
-                with torch.no_grad():
-                    for e, p in zip(self.ema, self.params, strict=True):
-                        e.lerp_(p.detach(), 1 - cfg.optim.ema)
         for key in ("clip_frac", "approx_kl", "ratio_mean", "kl"):
             stats[key] /= max(terms, 1)
         stats["loss"] /= cfg.optim.inner_epochs
@@ -324,6 +353,8 @@ class GRPOTrainer:
         dropped = bad.view(-1, g).any(1).repeat_interleave(g)
         rewards = {n: r.masked_fill(dropped, 0.0) for n, r in rewards.items()}
         adv = self.advantages(rewards, g)
+        if self.cfg.loss.objective != "grpo":  # the references train every sample, a constant group's at A = 0
+            adv = Advantages(adv.advantages, ~dropped, adv.num_zero_variance_groups)
         mine = slice(self.dist.rank * n_local, (self.dist.rank + 1) * n_local)
         stats = self.update(batch, Advantages(adv.advantages[mine], adv.valid[mine], adv.num_zero_variance_groups))
         # partial NaN/Inf only costs its groups; an iteration that taught nothing because of
@@ -348,13 +379,20 @@ class GRPOTrainer:
             **{f"reward_{n}": r[ok].mean().item() if ok.any() else float("nan") for n, r in rewards.items()},
             **stats,
             "nonfinite_samples": int(bad.sum()),
-            "window_start": min(batch.rollout.transitions.step_index[i] for i in batch.trained),
-            "trained_steps": int(batch.sample_mask().sum(1).max()) if batch.trained else 0,  # per sample
+            "window_start": self._first_loss_step(batch),
+            "trained_steps": (batch.loss_times.shape[1] if batch.loss_times is not None
+                              else int(batch.sample_mask().sum(1).max()) if batch.trained else 0),  # per sample
             "model_passes_per_image": self.measured_passes(batch),
             "zero_std_groups": adv.num_zero_variance_groups,
             "iter_time_s": time.perf_counter() - start,
         }
         return row
+
+    def _first_loss_step(self, batch: RolloutBatch) -> int:
+        """The noisiest grid step any sample trains this iteration."""
+        if batch.loss_times is not None:
+            return min(self.schedule.steps(batch.iteration))
+        return min(batch.rollout.transitions.step_index[i] for i in batch.trained)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -366,7 +404,7 @@ class GRPOTrainer:
         s = self.cfg.sampler
         with self.autocast:
             images = generate_prompts(self.model, self.backend.condition, self.eval_prompts, seed=seed,
-                                      steps=s.num_steps, shift=s.shift, guidance=s.guidance, decode=self.backend.decode,
+                                      steps=self.cfg.eval_steps or s.num_steps, shift=s.shift, guidance=s.guidance, decode=self.backend.decode,
                                       device=self.device)
         names = dict.fromkeys([*self.cfg.rewards, *self.backend.eval_rewards])
         finite = torch.isfinite(images).flatten(1).all(1)
@@ -392,6 +430,9 @@ class GRPOTrainer:
         state = {n: whole(p) for n, p in zip(self.param_names, self.params, strict=True)}
         if self.ema is not None:
             state.update({f"ema.{n}": whole(e) for n, e in zip(self.param_names, self.ema, strict=True)})
+        if self.old is not None:
+            state.update({f"old.{n}": whole(e) for n, e in zip(self.param_names, self.old.tensors, strict=True)})
+        state["state.optimizer_steps"] = torch.tensor(self.optimizer_steps, dtype=torch.int64)
         return state
 
     def ema_by_name(self) -> dict[str, torch.Tensor] | None:
@@ -403,6 +444,10 @@ class GRPOTrainer:
                 p.copy_(state[name])
                 if self.ema is not None:
                     self.ema[i].copy_(state[f"ema.{name}"])
+                if self.old is not None:
+                    self.old.tensors[i].copy_(state[f"old.{name}"])
+        # checkpoints written before the count was kept hold no old policy either: it only feeds its decay
+        self.optimizer_steps = int(state["state.optimizer_steps"]) if "state.optimizer_steps" in state else 0
 
     def write_metrics(self, path: Path, row: dict[str, Any]) -> None:
         with path.open("a") as f:
