@@ -174,3 +174,44 @@ def test_dance_grpo_per_sample_subsets():
     assert (shared == shared[0]).all() and shared.sum(1)[0] == 14
     with pytest.raises(ValueError, match="per-sample step subsets need the random_subset schedule"):
         WindowSchedule("progressive", 25, per_sample=True)
+
+
+# ---------------------------------------------------------------- GRPO-Guard, transcribed
+def _grpo_guard_loss(old_log_prob, log_prob, advantages, clip_ratio, old_mean, mean, std_dev_t, sqrt_dt, adv_clip=5.0):
+    """verl-project/verl-omni @ a1139ba, verl_omni/trainer/diffusion/diffusion_algos.py,
+    ``GRPOGuardLoss.compute_loss`` (the authors' code is not public)."""
+    advantages = torch.clamp(advantages, -adv_clip, adv_clip)
+    scale = sqrt_dt.mean() * std_dev_t.mean()
+    mean_diff_sq = (mean - old_mean).pow(2).mean(dim=tuple(range(1, mean.ndim)))
+    bias = mean_diff_sq / (2 * scale**2)
+    ratio = torch.exp((log_prob - old_log_prob + bias) * scale)
+    per_elem = torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - clip_ratio, 1.0 + clip_ratio))
+    return torch.mean(per_elem) / (sqrt_dt.mean() ** 2)
+
+
+@pytest.mark.parametrize(("k", "clip"), [(0, 2e-6), (5, 0.05), (20, 0.05)])
+def test_grpo_guard_loss_and_gradient_match_verl_omni(k, clip):
+    """The rollout drew ``x'`` from the old velocity's step; the policy has since moved
+    (``v = v_old + 0.01 noise``), so the bias ``b`` and the ratio are both non-trivial."""
+    x, v_old, dv, eps = _draw(300 + k)
+    t, t_next = GRID[k].item(), GRID[k + 1].item()
+    noise = SDENoise("flow_grpo", 0.7)
+    mean_old, std = sde_moments(x, v_old, t, t_next, noise)
+    x_next = mean_old + std * eps
+    old_lp, _, _ = _flow_grpo_sde(x, v_old, t, t_next, GRID[1].item(), 0.7, x_next)
+    adv = torch.tensor([-7.0, 0.3, 2.0], dtype=torch.float64)
+    v_ours = (v_old + 0.01 * dv).requires_grad_()
+    v_theirs = (v_old + 0.01 * dv).requires_grad_()
+    spec = LossSpec(clip_range=clip, ratio_norm=True, step_weight="inverse_dt")
+    per_sample, _ = step_loss(v_ours, x, x_next, old_lp, adv.clamp(-5, 5), t, t_next, noise, spec, mean_old=mean_old)
+    lp, mean, std_dev_t = _flow_grpo_sde(x, v_theirs, t, t_next, GRID[1].item(), 0.7, x_next)
+    expected = _grpo_guard_loss(old_lp, lp, adv, clip, mean_old, mean, std_dev_t,
+                                torch.full((3,), math.sqrt(t - t_next), dtype=torch.float64))
+    torch.testing.assert_close(per_sample.mean(), expected, **TIGHT)
+    per_sample.mean().backward()
+    expected.backward()
+    torch.testing.assert_close(v_ours.grad, v_theirs.grad, rtol=1e-10, atol=1e-14)
+    # the re-centred log-ratio is mean(xi (mean_theta - mean_old)): zero on average over xi
+    moved, _ = sde_moments(x, v_old + 0.01 * dv, t, t_next, noise)
+    log_ratio = ((lp.detach() - old_lp) + ((moved - mean_old) ** 2).mean((1, 2, 3)) / (2 * std.max() ** 2)) * std.max()
+    torch.testing.assert_close(log_ratio, (eps * (moved - mean_old)).mean((1, 2, 3)), rtol=1e-9, atol=1e-15)

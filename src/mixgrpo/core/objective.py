@@ -13,6 +13,18 @@ accumulates what comes back. Each reference's conventions are options:
   ``mean((mean - mean_ref)^2) / (2 std_dev_t^2)`` where ``std_dev_t`` is what its step
   function returns: ``g(t)`` for the SDE step (no ``sqrt|dt|``: exact KL x |dt|), the full
   std for a CPS step. Its beta (0.04) is tuned to that scale.
+- ``ratio_norm`` (GRPO-Guard, arXiv 2510.22319, as verl-project/verl-omni @ a1139ba
+  ``verl_omni/trainer/diffusion/diffusion_algos.py::GRPOGuardLoss`` and its
+  ``docs/algo/grpo_guard.md``): with the step std ``sigma_s = g(t) sqrt|dt|`` and the
+  rollout's step mean ``mean_old``::
+
+      b     = mean (mean_theta - mean_old)^2 / (2 sigma_s^2)
+      rho~  = exp(sigma_s (log p_theta - log p_old + b))
+
+  With ``x' = mean_old + sigma_s xi`` this is ``exp(mean(xi (mean_theta - mean_old)))``:
+  centred on 1 whatever the step, where the plain ratio's log has mean ``-b < 0``.
+- ``step_weight = "inverse_dt"``: GRPO-Guard's per-step reweighting, each step's loss
+  divided by ``|dt|`` so that every step's gradient has the same scale.
 """
 
 from __future__ import annotations
@@ -36,10 +48,12 @@ from .steps import (
     upcast,
 )
 
-__all__ = ["KL_FORMS", "LossSpec", "gaussian_kl", "kl_std", "step_loss"]
+__all__ = ["KL_FORMS", "STEP_WEIGHTS", "LossSpec", "gaussian_kl", "kl_std", "step_loss"]
 
 KLForm = Literal["exact", "flow_grpo"]
 KL_FORMS: tuple[str, ...] = ("exact", "flow_grpo")
+StepWeight = Literal["none", "inverse_dt"]
+STEP_WEIGHTS: tuple[str, ...] = ("none", "inverse_dt")
 
 
 @dataclass(frozen=True)
@@ -51,8 +65,12 @@ class LossSpec:
     reduction: Reduction = "mean"  # log-prob / KL reduction over latent dims
     logprob_form: LogProbForm = "gaussian"  # gaussian | flow_grpo_cps
     kl_form: KLForm = "exact"  # exact | flow_grpo
+    ratio_norm: bool = False  # GRPO-Guard's re-centred ratio (needs the rollout's step means)
+    step_weight: StepWeight = "none"  # none | inverse_dt (GRPO-Guard)
 
     def __post_init__(self) -> None:
+        if self.step_weight not in STEP_WEIGHTS:
+            raise ValueError(f"unknown step weight {self.step_weight!r}; choose one of {STEP_WEIGHTS}")
         if not self.clip_range > 0:
             raise ValueError(f"clip_range must be > 0, got {self.clip_range}")
         if not self.kl_beta >= 0:
@@ -103,6 +121,7 @@ def step_loss(
     noise: SDENoise,
     spec: LossSpec,
     v_ref: torch.Tensor | None = None,
+    mean_old: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss of one trained step for ``B`` samples:
 
@@ -117,6 +136,7 @@ def step_loss(
         noise: the SDE form the rollout sampled with.
         spec: clip range, KL weight and the conventions.
         v_ref: the reference policy's velocity (needed when ``spec.kl_beta > 0``).
+        mean_old: ``(B, ...)`` the rollout's step mean (needed with ``spec.ratio_norm``).
 
     Returns:
         ``(B,)`` per-sample losses and detached stats: ``ratio_mean``, ``clip_frac``,
@@ -124,7 +144,19 @@ def step_loss(
     """
     mean, std = sde_moments(x, v, t, t_next, noise)
     log_prob = gaussian_log_prob(x_next, mean, std, spec.reduction, spec.logprob_form)
-    loss, stats = ppo_clip_terms(log_prob, old_log_prob, advantages, spec.clip_range)
+    if spec.ratio_norm:
+        if mean_old is None:
+            raise ValueError("ratio_norm (GRPO-Guard) needs the rollout's step means mean_old")
+        std_b = broadcast_std(std, mean)
+        bias = gaussian_kl(mean, mean_old, std_b, spec.reduction)  # b = mean (dmu)^2 / (2 sigma_s^2)
+        scale = std_b.reshape(std_b.shape[0], -1)[:, 0] if std_b.ndim else std_b  # sigma_s per sample
+        log_ratio = scale * (log_prob - old_log_prob.detach() + bias)
+        loss, stats = ppo_clip_terms(log_ratio, torch.zeros_like(log_ratio), advantages, spec.clip_range)
+    else:
+        loss, stats = ppo_clip_terms(log_prob, old_log_prob, advantages, spec.clip_range)
+    if spec.step_weight == "inverse_dt":
+        dt = torch.as_tensor(t, dtype=loss.dtype) - torch.as_tensor(t_next, dtype=loss.dtype)
+        loss = loss / dt.to(loss.device)
     stats["kl"] = torch.zeros((), dtype=loss.dtype)
     if spec.kl_beta > 0:
         if v_ref is None:

@@ -170,6 +170,7 @@ class Transitions:
     t: torch.Tensor
     t_next: torch.Tensor
     log_prob: torch.Tensor
+    mean: torch.Tensor | None = None  # (S, B, ...) the rollout's step means, when recorded (GRPO-Guard)
 
     def __len__(self) -> int:
         return len(self.step_index)
@@ -217,6 +218,7 @@ def sample(
     keep_trajectory: bool = False,
     prefix_groups: int | None = None,
     prune: Pruning | None = None,
+    record_mean: bool = False,
 ) -> Rollout:
     """Integrate from ``x_init`` at ``plan.grid[0]`` to ``plan.grid[-1]``.
 
@@ -243,6 +245,7 @@ def sample(
         prune: Expand-and-Prune (Pro-GRPO): at each of ``prune.steps`` the rows kept by
             ``prune.select`` go on and the others stop (no further model passes). Needs
             ``velocity.rows``.
+        record_mean: also keep each SDE step's Gaussian mean (GRPO-Guard's ratio needs it).
     """
     if plan.sde_steps and noise is None:
         raise ValueError("the plan has SDE steps, so an SDENoise must be given")
@@ -256,7 +259,7 @@ def sample(
         step_velocity = _rows(velocity, alive[:: prefix_groups])
     history_x0: list[torch.Tensor] = []
     history_t: list[float] = []
-    recorded: dict[str, list[torch.Tensor]] = {k: [] for k in ("x", "x_next", "log_prob")}
+    recorded: dict[str, list[torch.Tensor]] = {k: [] for k in ("x", "x_next", "log_prob", "mean")}
     trajectory = [x] if keep_trajectory else []
     row_passes = 0
     for k, kind in enumerate(plan.kinds):
@@ -281,6 +284,8 @@ def sample(
             recorded["x"].append(x)
             recorded["x_next"].append(step.x_next)
             recorded["log_prob"].append(gaussian_log_prob(step.x_next, step.mean, step.std, reduction, log_prob_form))
+            if record_mean:
+                recorded["mean"].append(step.mean)
             x_next = step.x_next
             history_x0, history_t = [], []
         elif kind == "euler":
@@ -303,6 +308,7 @@ def sample(
             t=torch.tensor([grid[k] for k in sde], dtype=torch.float32),
             t_next=torch.tensor([grid[k + 1] for k in sde], dtype=torch.float32),
             log_prob=torch.stack(recorded["log_prob"]),
+            mean=torch.stack(recorded["mean"]) if record_mean else None,
         )
     return Rollout(x0=x, transitions=transitions, trajectory=trajectory, kept=alive, row_passes=row_passes)
 
@@ -319,7 +325,8 @@ def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
     transitions = None
     if parts[0].transitions is not None:
         first = parts[0].transitions
-        transitions = Transitions(first.step_index, rows("x"), rows("x_next"), first.t, first.t_next, rows("log_prob"))
+        transitions = Transitions(first.step_index, rows("x"), rows("x_next"), first.t, first.t_next, rows("log_prob"),
+                                  rows("mean") if first.mean is not None else None)
     return Rollout(torch.cat([p.x0 for p in parts]), transitions,
                    kept=torch.cat([p.kept for p in parts]), row_passes=sum(p.row_passes for p in parts))
 

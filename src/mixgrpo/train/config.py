@@ -19,7 +19,7 @@ import yaml
 
 from ..core.forward_losses import AWM_WEIGHTINGS, OBJECTIVES
 from ..core.grpo import MULTI_REWARD_MODES, STD_MODES
-from ..core.objective import KL_FORMS
+from ..core.objective import KL_FORMS, STEP_WEIGHTS
 from ..core.sampler import ODE_SOLVERS
 from ..core.steps import LOG_PROB_FORMS, LOG_PROB_REDUCTIONS, SDE_KINDS
 from ..core.windows import WINDOW_SCHEDULES
@@ -130,6 +130,8 @@ class LossConfig:
     logprob_form: str = "gaussian"  # gaussian (exact density) | flow_grpo_cps: -(x'-mu)^2 (Flow-GRPO's cps)
     multi_reward_mode: str = "normalize_then_sum"  # MixGRPO/DanceGRPO; Flow-GRPO: sum_then_normalize
     ovf_keep: int | None = None  # Pro-GRPO OVF: train on the k of each group with maximal reward variance
+    ratio_norm: bool = False  # GRPO-Guard: the importance ratio re-centred with the rollout's step means
+    step_weight: str = "none"  # none | inverse_dt: GRPO-Guard's per-step 1/|dt| loss weight
     # grpo: clipped ratio of SDE transition densities; nft / awm: forward-process losses on re-noised clean samples
     objective: str = "grpo"
     nft_beta: float = 1.0  # DiffusionNFT's mixing coefficient beta (reference: 1; 0.1 for OCR / multi-reward)
@@ -162,6 +164,11 @@ class LossConfig:
             raise ValueError(f"loss.kl_form {self.kl_form!r} is not one of {KL_FORMS}")
         if self.logprob_form not in LOG_PROB_FORMS:
             raise ValueError(f"loss.logprob_form {self.logprob_form!r} is not one of {LOG_PROB_FORMS}")
+        if self.step_weight not in STEP_WEIGHTS:
+            raise ValueError(f"loss.step_weight {self.step_weight!r} is not one of {STEP_WEIGHTS}")
+        if self.objective != "grpo" and (self.ratio_norm or self.step_weight != "none"):
+            raise ValueError("loss.ratio_norm and loss.step_weight (GRPO-Guard) reweight SDE transition ratios: "
+                             "they need loss.objective=grpo")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"loss.objective {self.objective!r} is not one of {OBJECTIVES}")
         if self.awm_weighting not in AWM_WEIGHTINGS:

@@ -93,6 +93,15 @@ def flow_grpo(cfg: TrainConfig) -> None:
     cfg.loss.multi_reward_mode = "sum_then_normalize"
 
 
+def flow_grpo_guard(cfg: TrainConfig) -> None:
+    """GRPO-Guard on Flow-GRPO (arXiv 2510.22319; the authors' code is not public, so as
+    verl-project/verl-omni @ a1139ba ``GRPOGuardLoss`` and ``docs/algo/grpo_guard.md``): the
+    ratio re-centred by ``b`` and scaled by the step std, each step's loss over ``|dt|``,
+    clip 2e-6 (its docs); everything else Flow-GRPO's."""
+    flow_grpo(cfg)
+    cfg.loss.ratio_norm, cfg.loss.step_weight, cfg.loss.clip_range = True, "inverse_dt", 2e-6
+
+
 def dance_grpo(cfg: TrainConfig) -> None:
     """DanceGRPO: eta-form SDE (eta = 0.3) on every step; each sample trains its own random
     ``int(0.6 * 24) = 14`` steps (a fresh permutation per sample, XueZeyue/DanceGRPO @ 15cc71d
@@ -182,6 +191,7 @@ PRESETS: dict[str, Callable[[TrainConfig], None]] = {
     "mixgrpo-flash": mixgrpo_flash,
     "mixgrpo-flash-star": mixgrpo_flash_star,
     "flow-grpo": flow_grpo,
+    "flow-grpo-guard": flow_grpo_guard,
     "dance-grpo": dance_grpo,
     "pro-grpo": pro_grpo,
     "mixgrpo-prefix": mixgrpo_prefix,

@@ -117,7 +117,8 @@ class GRPOTrainer:
         s = cfg.sampler
         self.noise = SDENoise(s.sde_kind, s.noise_level)
         lc = cfg.loss
-        self.loss_spec = LossSpec(lc.clip_range, lc.kl_beta, lc.reduction, lc.logprob_form, lc.kl_form)
+        self.loss_spec = LossSpec(lc.clip_range, lc.kl_beta, lc.reduction, lc.logprob_form, lc.kl_form, lc.ratio_norm,
+                                  lc.step_weight)
         self.grid = uniform_grid(s.num_steps, shift=s.shift)
         self.schedule = make_schedule(cfg)
         self.nonfinite_streak = 0  # consecutive iterations with NaN/Inf (see optim.max_nonfinite)
@@ -200,7 +201,8 @@ class GRPOTrainer:
                 out = sample(ConditionedVelocity(self.velocity, cond.index(rows)), x1[rows], plan, self.noise,
                              reduction=cfg.loss.reduction, log_prob_form=cfg.loss.logprob_form,
                              generator=gens[groups.start : groups.stop] if s.noise_per_group else gens[0],
-                             prefix_groups=g if s.shared_prefix else None, prune=make_pruning(plan, s, g))
+                             prefix_groups=g if s.shared_prefix else None, prune=make_pruning(plan, s, g),
+                             record_mean=cfg.loss.ratio_norm)
                 out.kept = out.kept + groups.start * g  # rows of the whole batch
                 parts.append(out)
                 kept_prompts = [prompts[i] for i in out.kept.tolist()]
@@ -323,7 +325,8 @@ class GRPOTrainer:
                         with torch.no_grad():
                             v_ref = self.velocity(x, t_vec, cond, reference=True)
                     per_sample, st = step_loss(v, x, tr.x_next[s][idx], tr.log_prob[s][idx], advantages[idx], t, t_next,
-                                               self.noise, self.loss_spec, v_ref)
+                                               self.noise, self.loss_spec, v_ref,
+                                               tr.mean[s][idx] if tr.mean is not None else None)
                     loss = (per_sample * weight[idx].to(per_sample.dtype)).sum()
                     (loss * self.dist.world_size).backward()
                     stats["loss"] += loss.item()
