@@ -225,3 +225,23 @@ def test_flux_shaped_cli_rejects_bad_shapes(tmp_path):
     assert result.exit_code == 2 and "double,single" in result.output
     result = runner.invoke(app, ["bench", "--out", str(tmp_path / "x"), "--flux-shaped", "--flux-heads", "0"])
     assert result.exit_code == 2 and "--flux-heads" in result.output
+
+
+def test_time_to_dance_reward_is_paired_by_seed_and_interpolated():
+    """Seed 0: DanceGRPO ends at 0.6 and first reaches it at 16 s; the arm crosses 0.6 half way
+    between 0.5 (2 s) and 0.7 (4 s): 3 s, ratio 3/16. Seed 1: target 0.5, reached at 8 s by
+    DanceGRPO, at 1 s by the arm: 1/8. Seed 2: DanceGRPO ended below its start, no target."""
+    from mixgrpo.bench.report import crossing_time, time_to_reference
+
+    dance = [_result("dance-grpo", 0, [4.0] * 4, [(0, 0.4), (2, 0.5), (4, 0.6)]),
+             _result("dance-grpo", 1, [4.0] * 4, [(0, 0.4), (2, 0.5), (4, 0.5)]),
+             _result("dance-grpo", 2, [4.0] * 4, [(0, 0.4), (2, 0.5), (4, 0.3)])]
+    arm = [_result("x", 0, [1.0] * 4, [(0, 0.4), (2, 0.5), (4, 0.7)]),
+           _result("x", 1, [1.0] * 4, [(0, 0.4), (1, 0.5), (4, 0.45)]),
+           _result("x", 2, [1.0] * 4, [(0, 0.4), (4, 0.9)])]
+    assert crossing_time(dance[0], 0.6) == 16.0 and crossing_time(arm[0], 0.6) == pytest.approx(3.0)
+    stat = time_to_reference(arm, dance)
+    assert stat["undefined"] == 1 and stat["never"] == 0
+    assert stat["ratio"]["mean"] == pytest.approx((3 / 16 + 1 / 8) / 2)
+    slow = [_result("x", 0, [1.0] * 4, [(0, 0.4), (4, 0.55)])]
+    assert time_to_reference(slow, dance) == {"ratio": None, "never": 1, "undefined": 0}

@@ -9,10 +9,12 @@ from ..train.config import TrainConfig, apply_overrides
 from ..train.presets import make_preset
 from .runner import Arm
 
-__all__ = ["ABLATIONS", "DEFAULT_PRESETS", "QUICK", "ablation_arms", "compression_for_steps", "ovf_arms", "preset_arms", "scale_group",
+__all__ = ["ABLATIONS", "ARM_SETS", "DEFAULT_PRESETS", "QUICK", "ablation_arms", "compression_for_steps", "ovf_arms", "preset_arms", "scale_group",
            "split_presets"]
 
 DEFAULT_PRESETS = ["dance-grpo", "mixgrpo", "mixgrpo-flash", "mixgrpo-flash-star"]
+# `--presets frontier`: the MixGRPO-era baselines beside the methods that followed it
+ARM_SETS = {"frontier": ["dance-grpo", "flow-grpo", "mixgrpo", "mixgrpo-flash-star", "flow-grpo-guard", "nft", "awm"]}
 ABLATIONS = ("window", "flash-steps", "ovf")
 
 
@@ -59,10 +61,12 @@ def split_presets(text: str) -> list[str]:
 
 
 def preset_arms(specs: list[str], overrides: list[str], group: int | None = None) -> list[Arm]:
-    """One arm per spec: a preset name, or ``preset[key=value;...]`` for a variant with its own
+    """One arm per spec: a preset name, a set of :data:`ARM_SETS` (``frontier``), or
+    ``preset[key=value;...]`` for a variant with its own
     overrides on top of the shared ``--set`` ones (labelled by the whole spec). ``group``
     scales every preset's groups first (:func:`scale_group`; ``--quick``)."""
     arms = []
+    specs = [name for spec in specs for name in ARM_SETS.get(spec, [spec])]
     for spec in specs:
         name, _, extra = spec.partition("[")
         if extra and not extra.endswith("]"):

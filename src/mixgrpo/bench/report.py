@@ -14,7 +14,8 @@ from typing import Any
 from ..viz import save_curve
 from .runner import ArmResult
 
-__all__ = ["PAPER_ITER_TIME_S", "mean_ci", "paired_difference", "summarise", "write_report"]
+__all__ = ["PAPER_ITER_TIME_S", "crossing_time", "mean_ci", "paired_difference", "summarise", "time_to_reference",
+           "write_report"]
 
 # MixGRPO paper (arXiv 2507.21802 v7, Table 1), FLUX on 32 GPUs: seconds per training iteration
 # (NFE sampling/training: DanceGRPO 25/14, MixGRPO 25/4, Flash 16/4, Flash* 8/4)
@@ -54,6 +55,45 @@ def paired_difference(runs: list[ArmResult], reference: list[ArmResult]) -> dict
     per_prompt = [statistics.fmean(a[p] - b[p] for a, b in pairs) for p in range(len(pairs[0][0]))]
     half = 1.96 * statistics.stdev(per_prompt) / len(per_prompt) ** 0.5 if len(per_prompt) > 1 else None
     return {"seeds": mean_ci(per_seed), "prompts_ci95": half, "prompts": len(per_prompt)}
+
+
+def crossing_time(run: ArmResult, target: float) -> float | None:
+    """Training seconds at which ``run``'s held-out reward first reaches ``target``, linearly
+    interpolated between the evaluations around the crossing; ``None`` if it never does."""
+    points = [(sec, row["reward_mean"]) for _, sec, row in run.evals]
+    for k, (sec, reward) in enumerate(points):
+        if reward >= target:
+            if k == 0:
+                return sec
+            sec0, r0 = points[k - 1]
+            return sec0 + (target - r0) / (reward - r0) * (sec - sec0)
+    return None
+
+
+def time_to_reference(runs: list[ArmResult], reference: list[ArmResult]) -> dict[str, Any] | None:
+    """Time to DanceGRPO's final held-out reward as a fraction of DanceGRPO's own time to it,
+    paired by seed: for seed ``s`` the target is DanceGRPO's final reward of seed ``s``, and
+    ``ratio_s = t_arm(target) / t_dance(target)``. Seeds where DanceGRPO ended no higher than
+    it started define no target and are left out (``undefined``); seeds where the arm never
+    reached it count in ``never``. Mean and Student-t 95% half-width over the rest."""
+    by_seed = {r.seed: r for r in reference}
+    ratios, never, undefined = [], 0, 0
+    for run in runs:
+        ref = by_seed.get(run.seed)
+        if ref is None:
+            continue
+        target = ref.evals[-1][2]["reward_mean"]
+        if target <= ref.evals[0][2]["reward_mean"]:
+            undefined += 1
+            continue
+        t_ref, t_arm = crossing_time(ref, target), crossing_time(run, target)
+        if t_arm is None:
+            never += 1
+        else:
+            ratios.append(t_arm / t_ref)
+    if not ratios and not never:
+        return None if not undefined else {"ratio": None, "never": 0, "undefined": undefined}
+    return {"ratio": mean_ci(ratios) if ratios else None, "never": never, "undefined": undefined}
 
 
 def _curve(runs: list[ArmResult]) -> list[tuple[int, float, float]]:
@@ -102,6 +142,9 @@ def summarise(results: list[ArmResult]) -> list[dict[str, Any]]:
                                      if REFERENCE in by_label and label != REFERENCE else None),
             "target_reward": target,
             "time_to_target_s": reached[0] if reached else None,
+            "time_to_dance_reward": (time_to_reference(runs, by_label[REFERENCE]) if REFERENCE in by_label else None),
+            "final_flatness": (mean_ci([f["reward_flatness"] for f in finals])
+                               if all("reward_flatness" in f for f in finals) else None),
             "train_time_s": statistics.fmean(r.train_seconds for r in runs),
             "peak_memory_gb": (max(r.peak_memory_bytes for r in runs) / 2**30
                                if all(r.peak_memory_bytes is not None for r in runs) else None),
@@ -115,12 +158,22 @@ def _fmt(stat: dict[str, float | None], digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f}" + (f" ± {ci:.{digits}f}" if ci is not None else "")
 
 
+def _time_fraction(stat: dict[str, Any] | None) -> str:
+    if stat is None:
+        return "—"
+    parts = [_fmt(stat["ratio"])] if stat["ratio"] is not None else []
+    parts += [f"never on {stat['never']} seed(s)"] if stat["never"] else []
+    parts += [f"undefined on {stat['undefined']} seed(s)"] if stat["undefined"] else []
+    return "; ".join(parts) or "—"
+
+
 def markdown(rows: list[dict[str, Any]], title: str) -> str:
     lines = [
         f"## {title}", "",
         "| preset | passes/image | iter time (s) | time ratio vs DanceGRPO | paper ratio (FLUX) | held-out reward | gain | "
-        "paired Δ vs DanceGRPO (± seeds; ± prompts) | time to DanceGRPO's reward (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "paired Δ vs DanceGRPO (± seeds; ± prompts) | time to DanceGRPO's reward (s) | "
+        "that time / DanceGRPO's (paired) | flatness |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = "—" if r["time_ratio_vs_dance_grpo"] is None else f"{r['time_ratio_vs_dance_grpo']:.3f}"
@@ -132,7 +185,9 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
             f"{_fmt(paired['seeds'])}" + ("" if paired["prompts_ci95"] is None else f"; ± {paired['prompts_ci95']:.3f}"))
         lines.append(
             f"| {r['preset']} | {r['model_passes_per_image']:.1f} | {r['iter_time_s']:.2f} | {ratio} | {paper} | "
-            f"{_fmt(r['final_eval_reward'])} | {_fmt(r['reward_gain'])} | {delta} | {ttt} |"
+            f"{_fmt(r['final_eval_reward'])} | {_fmt(r['reward_gain'])} | {delta} | {ttt} | "
+            f"{_time_fraction(r.get('time_to_dance_reward'))} | "
+            f"{'—' if r.get('final_flatness') is None else _fmt(r['final_flatness'])} |"
         )
     seeds = rows[0]["seeds"]
     lines += ["", f"{len(seeds)} seed(s) {seeds}, {rows[0]['iterations']} iterations each, interleaved in one process; "
