@@ -145,7 +145,7 @@ def test_awm_log_likelihood_and_loss_match_the_reference(weighting):
 def test_awm_stratified_times_match_discrete_wo_init():
     """14 sampler steps, fraction 0.9, 6 train times: the reference's strata of grid indices
     are [1, 2), [2, 4), [4, 6), [6, 8), [8, 10), [10, 12); each sample draws one index in each."""
-    sched = WindowSchedule("stratified", num_steps=14, size=6, low=1, high=12, final_step=True, seed=3)
+    sched = WindowSchedule("stratified", num_steps=14, size=6, low=1, fraction=0.9, final_step=True, seed=3)
     bounds = torch.linspace(1, int(14 * 0.9), steps=7).long().tolist()  # the reference's boundaries
     assert bounds == [1, 2, 4, 6, 8, 10, 12]
     mask = sched.sample_steps(0, list(range(64)))

@@ -31,7 +31,7 @@ def schedules(draw, names=WINDOW_SCHEDULES):
     kwargs["max_start"] = draw(st.one_of(st.none(), st.integers(0, top)))
     cap = top if kwargs["max_start"] is None else kwargs["max_start"]
     kwargs["start"] = draw(st.integers(0, cap))
-    if name == "random_range":
+    if name in ("random_range", "stratified"):
         kwargs["low"] = draw(st.integers(0, top))
         kwargs["high"] = draw(st.integers(kwargs["low"] + size, trainable))
     return make_window_schedule(name, num_steps, **kwargs)

@@ -37,10 +37,9 @@ def tiny_config(checkpoint: str, preset: str = "mixgrpo", *extra: str) -> TrainC
     """A preset shrunk to seconds: 4 iterations, 2 prompts x 4, 8 steps, brightness reward."""
     base = make_preset(preset)
     pruned = base.sampler.prune_keep is not None
-    stratified = base.schedule.name == "stratified"  # AWM's strata must fit the 8-step grid
     return apply_overrides(base, [
         *(["sampler.prune_keep=2"] if pruned else []),
-        *(["schedule.low=1", "schedule.high=7", "schedule.size=3"] if stratified else []),
+        *(["schedule.size=3"] if base.schedule.name == "stratified" else []),  # AWM: 3 strata of steps [1, 7)
         f"model.checkpoint={checkpoint}", "iterations=4", "prompts_per_iter=2", "group_size=4",
         "sampler.num_steps=8", "eval_prompts=8", "eval_every=2", "checkpoint_every=2", "schedule.interval=1",
         "schedule.size=2", "optim.micro_batch=4", "rewards={test-train-brightness: 1.0}", *extra,

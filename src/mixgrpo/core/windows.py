@@ -29,7 +29,7 @@ WINDOW_SCHEDULES: tuple[str, ...] = (
     "fixed",  # a frozen window (MixGRPO-Flash*: steps 0-3)
     "random_range",  # Flow-GRPO-Fast: random window inside [low, high)
     "random_subset",  # DanceGRPO: a random fraction of all trainable steps
-    "stratified",  # AWM: `size` strata of [low, high), one step drawn in each, per sample
+    "stratified",  # AWM: `size` strata of [low, high or fraction x trainable), one step in each, per sample
     "all",  # Flow-GRPO: every trainable step
 )
 
@@ -63,7 +63,8 @@ class WindowSchedule:
         rollback: past ``max_start``, jump back to ``start`` instead of staying there.
         low, high: ``random_range``: the window lies in ``[low, high)``.
         fraction: ``random_subset``'s share of the trainable steps (DanceGRPO 0.6 of
-            ``T - 1``; DiffusionNFT 0.99 of ``T`` with ``final_step``).
+            ``T - 1``; DiffusionNFT 0.99 of ``T`` with ``final_step``); ``stratified``'s end
+            when ``high`` is None (AWM: 0.9 of ``T``).
         per_sample: each sample draws its own steps (``random_subset``: DanceGRPO's
             reference draws a fresh permutation per sample and trains its first
             ``int(fraction (T - 1))`` steps; ``stratified`` is always per sample); see
@@ -103,7 +104,7 @@ class WindowSchedule:
         if self.name == "all":
             return
         if self.name == "stratified":
-            high = trainable if self.high is None else self.high
+            high = self.stratified_high
             if not 0 <= self.low < high <= trainable or not 1 <= self.size <= high - self.low:
                 raise ValueError(f"stratified needs 0 <= low < high <= {trainable} and 1 <= size <= high - low; "
                                  f"got low={self.low}, high={high}, size={self.size}")
@@ -137,6 +138,11 @@ class WindowSchedule:
                     f"random_range needs 0 <= low and low + size <= high <= {trainable}; "
                     f"got low={self.low}, high={high}, size={self.size}"
                 )
+
+    @property
+    def stratified_high(self) -> int:
+        """``stratified``'s end: ``high``, or ``int(fraction x trainable)`` (AWM: ``int(0.9 T)``)."""
+        return self.high if self.high is not None else int(self.fraction * self.trainable)
 
     @property
     def trainable(self) -> int:
@@ -192,7 +198,7 @@ class WindowSchedule:
         if self.name == "all":
             return tuple(range(trainable))
         if self.name == "stratified":  # the union over samples
-            return tuple(range(self.low, trainable if self.high is None else self.high))
+            return tuple(range(self.low, self.stratified_high))
         if self.name == "random_subset":
             if self.per_sample:  # the union over samples: any step may be some sample's
                 return tuple(range(trainable))
@@ -219,8 +225,7 @@ class WindowSchedule:
         """AWM's ``discrete_wo_init`` draw (scxue/advantage_weighted_matching @ be51372,
         ``scripts/train_sd3_awm.py``): stratum bounds ``int(linspace(low, high, size + 1))``,
         one index uniform in each ``[lower, upper)``."""
-        high = self.trainable if self.high is None else self.high
-        bounds = np.linspace(self.low, high, self.size + 1).astype(np.int64)
+        bounds = np.linspace(self.low, self.stratified_high, self.size + 1).astype(np.int64)
         u = rng.random(self.size)
         return [int(lo + np.floor(x * (hi - lo))) for lo, hi, x in zip(bounds[:-1], bounds[1:], u, strict=True)]
 

@@ -22,7 +22,7 @@ from ..core.grpo import MULTI_REWARD_MODES, STD_MODES
 from ..core.objective import KL_FORMS, STEP_WEIGHTS
 from ..core.sampler import ODE_SOLVERS
 from ..core.steps import LOG_PROB_FORMS, LOG_PROB_REDUCTIONS, SDE_KINDS
-from ..core.windows import WINDOW_SCHEDULES
+from ..core.windows import WINDOW_SCHEDULES, WindowSchedule
 
 __all__ = [
     "LossConfig",
@@ -339,6 +339,10 @@ class TrainConfig:
                 f"schedule.size {self.schedule.size} is larger than the {trainable} trainable steps of a "
                 f"{self.sampler.num_steps}-step grid; lower schedule.size or raise sampler.num_steps"
             )
+        try:  # the schedule against this grid (sizes, strata, bounds)
+            WindowSchedule(num_steps=self.sampler.num_steps, **dataclasses.asdict(self.schedule))
+        except ValueError as err:
+            raise ValueError(f"schedule.* does not fit sampler.num_steps={self.sampler.num_steps}: {err}") from None
         return self
 
 

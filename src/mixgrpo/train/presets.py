@@ -176,7 +176,7 @@ def nft(cfg: TrainConfig) -> None:
 def awm(cfg: TrainConfig) -> None:
     """AWM, advantage weighted matching (scxue/advantage_weighted_matching @ be51372,
     ``scripts/train_sd3_awm.py``, ``config/dgx_awm.py``): on-policy rollouts of 14 steps; per
-    sample 6 times, one in each stratum of grid indices [1, 12) (``discrete_wo_init``); the
+    sample 6 times, one in each stratum of grid indices [1, int(0.9 x 14) = 12) (``discrete_wo_init``); the
     generalised-Huber matching log-likelihood (p = 0.25) in a PPO ratio with clip 1 and
     advantages scaled to [-1, 1]; ``1e-3 mean (v - v_ref)^2`` to the base and
     ``1 x mean (v - v_ema)^2`` to an EMA copy with ``d = min(0.001 * step, 0.3)``. Deviation:
@@ -184,7 +184,7 @@ def awm(cfg: TrainConfig) -> None:
     none for PickScore); ours with deterministic DPM-Solver++(2), as its PickScore config."""
     _forward_process(cfg)
     cfg.sampler.num_steps, cfg.sampler.ode_solver = 14, "dpm2"
-    cfg.schedule.name, cfg.schedule.size, cfg.schedule.low, cfg.schedule.high = "stratified", 6, 1, 12
+    cfg.schedule.name, cfg.schedule.size, cfg.schedule.low, cfg.schedule.fraction = "stratified", 6, 1, 0.9
     cfg.loss.objective, cfg.loss.awm_weighting, cfg.loss.awm_power = "awm", "ghuber", 0.25
     cfg.loss.clip_range, cfg.loss.kl_beta, cfg.loss.old_kl_beta = 1.0, 1e-3, 1.0
     cfg.loss.old_flat, cfg.loss.old_rate, cfg.loss.old_max = 0, 0.001, 0.3
