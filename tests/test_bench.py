@@ -245,3 +245,13 @@ def test_time_to_dance_reward_is_paired_by_seed_and_interpolated():
     assert stat["ratio"]["mean"] == pytest.approx((3 / 16 + 1 / 8) / 2)
     slow = [_result("x", 0, [1.0] * 4, [(0, 0.4), (4, 0.55)])]
     assert time_to_reference(slow, dance) == {"ratio": None, "never": 1, "undefined": 0}
+
+
+def test_frontier_names_the_newer_methods_beside_the_baselines():
+    from mixgrpo.bench.arms import ARM_SETS
+
+    arms = preset_arms(["frontier", "mixgrpo-cps"], [])
+    assert [a.label for a in arms] == [*ARM_SETS["frontier"], "mixgrpo-cps"]
+    assert {a.config.loss.objective for a in arms} == {"grpo", "nft", "awm"}
+    with pytest.raises(ValueError, match="names an arm twice"):
+        preset_arms(["frontier", "nft"], [])

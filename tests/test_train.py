@@ -264,3 +264,20 @@ def test_nft_old_policy_lags_and_samples(tiny_checkpoint):
             p.copy_(old)
     torch.testing.assert_close(current.rollout(2).rollout.x0, sampled, rtol=0, atol=0)
     assert not torch.equal(trainer.rollout(2).rollout.x0, GRPOTrainer(cfg).rollout(2).rollout.x0)
+
+
+@pytest.mark.parametrize(("preset", "extra"), [
+    ("awm", ["schedule.name=progressive", "schedule.size=2"]),  # MixGRPO's sliding window picks AWM's loss times
+    ("nft", ["sampler.num_steps=4", "sampler.ode_solver=dpm2"]),  # NFT on a few-step Flash-like sampler
+    ("nft", ["sampler.sde_on=trained", "sampler.shared_noise=true", "schedule.name=progressive",
+             "schedule.final_step=false", "schedule.per_sample=false"]),  # rollouts through MixGRPO's mixed ODE-SDE sampler
+])
+def test_forward_objectives_compose_with_windows_and_samplers(tiny_checkpoint, preset, extra):
+    cfg = tiny_config(tiny_checkpoint, preset, *extra)
+    trainer = GRPOTrainer(cfg)
+    before = [p.detach().clone() for p in trainer.params]
+    row = trainer.step(0)
+    steps = trainer.schedule.steps(0)
+    assert row["trained_steps"] == (trainer.schedule.subset_size if trainer.schedule.sampled_per_sample else len(steps))
+    assert row["model_passes_per_image"] == config_model_passes(trainer.cfg, 0).total
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.params, strict=True))
