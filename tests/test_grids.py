@@ -90,6 +90,9 @@ def test_model_passes_for_every_method_at_t25():
         "pro-grpo": (25, 24, 24, 73),
         "mixgrpo-prefix": (25, 4, 0, 29),
         "mixgrpo-pro": (25, 4, 0, 29),
+        "flow-grpo-guard": (25, 24, 24, 73),
+        "nft": (10, 9, 18, 37),  # 9 of its 10 times; an old-policy and a reference pass each
+        "awm": (14, 6, 12, 32),  # 6 strata; an EMA and a reference pass each
     }
     assert count_model_passes(mixed_plan(uniform_grid(25), [0]), 1, cfg=True).total == 52
     assert count_model_passes(mixed_plan(uniform_grid(25), [0]), 1, cfg=True, kl=True).total == 54

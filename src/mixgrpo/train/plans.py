@@ -56,10 +56,13 @@ def config_model_passes(cfg: TrainConfig, iteration: int = 0) -> ModelPasses:
 
 
 def preset_model_passes(num_steps: int = 25, shift: float = 3.0, iteration: int = 0) -> dict[str, ModelPasses]:
-    """:func:`config_model_passes` of every preset on a ``num_steps`` grid with ``shift``."""
+    """:func:`config_model_passes` of every preset on a ``num_steps`` grid with ``shift``; the
+    forward-process presets (DiffusionNFT 10 steps, AWM 14) keep their own sampler's grid."""
     out = {}
     for name in PRESETS:
         cfg = make_preset(name)
-        cfg.sampler.num_steps, cfg.sampler.shift = num_steps, shift
+        if cfg.loss.objective == "grpo":
+            cfg.sampler.num_steps = num_steps
+        cfg.sampler.shift = shift
         out[name] = config_model_passes(cfg.validate(), iteration)
     return out
