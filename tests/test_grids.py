@@ -93,6 +93,8 @@ def test_model_passes_for_every_method_at_t25():
         "flow-grpo-guard": (25, 24, 24, 73),
         "nft": (10, 9, 18, 37),  # 9 of its 10 times; an old-policy and a reference pass each
         "awm": (14, 6, 12, 32),  # 6 strata; an EMA and a reference pass each
+        # 20 steps, splits 0/3/6/9: 203 node passes and 202 trained edges per 16-leaf tree
+        "branch-grpo": (203 / 16, 202 / 16, 0, 405 / 16),
     }
     assert count_model_passes(mixed_plan(uniform_grid(25), [0]), 1, cfg=True).total == 52
     assert count_model_passes(mixed_plan(uniform_grid(25), [0]), 1, cfg=True, kl=True).total == 54

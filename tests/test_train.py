@@ -281,3 +281,32 @@ def test_forward_objectives_compose_with_windows_and_samplers(tiny_checkpoint, p
     assert row["trained_steps"] == (trainer.schedule.subset_size if trainer.schedule.sampled_per_sample else len(steps))
     assert row["model_passes_per_image"] == config_model_passes(trainer.cfg, 0).total
     assert any(not torch.equal(a, p) for a, p in zip(before, trainer.params, strict=True))
+
+
+def test_branch_grpo_loss_is_the_mean_over_tree_edges(tiny_checkpoint):
+    """BranchGRPO: every edge of every tree once (its first leaf), with its node's per-depth
+    advantage, all edges weighted equally (the reference's sum over edges / their count)."""
+    from mixgrpo.core.grpo import Advantages
+    from mixgrpo.core.tree import tree_advantages
+
+    cfg = tiny_config(tiny_checkpoint, "branch-grpo", "loss.clip_range=0.5")
+    trainer = GRPOTrainer(cfg)
+    batch = trainer.rollout(0)
+    tr = batch.rollout.transitions
+    tr.log_prob += 0.01 * torch.randn(tr.log_prob.shape, generator=torch.Generator().manual_seed(0))  # ratio != 1
+    rewards = torch.rand(8, generator=torch.Generator().manual_seed(1))
+    steps = [tr.step_index[i] for i in batch.trained]
+    per_step, mask = tree_advantages(rewards.view(2, 4), cfg.sampler.tree_splits, steps)
+    assert torch.equal(mask, batch.sample_mask()) and int(mask.sum()) == 2 * (2 + 2 + 2 + 4 + 4 + 4 + 4)
+    terms = []
+    with torch.no_grad():
+        for j, s in enumerate(batch.trained):
+            t, t_next = tr.t[s].item(), tr.t_next[s].item()
+            v = trainer.velocity(tr.x[s], torch.full((8,), t), batch.cond)
+            per = step_loss(v, tr.x[s], tr.x_next[s], tr.log_prob[s], per_step[:, j], t, t_next, trainer.noise,
+                            trainer.loss_spec)[0]
+            terms.append(per[mask[:, j]])
+    expected = torch.cat(terms).mean()
+    adv = Advantages(torch.zeros(8), torch.ones(8, dtype=torch.bool), 0, per_step)
+    scale = torch.cat(terms).abs().mean().item()  # terms of both signs cancel: float32 error on their size
+    assert trainer.update(batch, adv)["loss"] == pytest.approx(expected.item(), abs=1e-5 * scale)

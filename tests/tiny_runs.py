@@ -40,6 +40,7 @@ def tiny_config(checkpoint: str, preset: str = "mixgrpo", *extra: str) -> TrainC
     return apply_overrides(base, [
         *(["sampler.prune_keep=2"] if pruned else []),
         *(["schedule.size=3"] if base.schedule.name == "stratified" else []),  # AWM: 3 strata of steps [1, 7)
+        *(["sampler.tree_splits=[0, 3]"] if base.sampler.tree_splits else []),  # BranchGRPO: 4 leaves
         f"model.checkpoint={checkpoint}", "iterations=4", "prompts_per_iter=2", "group_size=4",
         "sampler.num_steps=8", "eval_prompts=8", "eval_every=2", "checkpoint_every=2", "schedule.interval=1",
         "schedule.size=2", "optim.micro_batch=4", "rewards={test-train-brightness: 1.0}", *extra,

@@ -18,12 +18,12 @@ __all__ = ["ModelPasses", "count_model_passes"]
 
 @dataclass(frozen=True)
 class ModelPasses:
-    sampling: int  # rollout passes (the plan's steps)
-    training: int  # policy passes of the loss (forward + backward)
-    reference: int = 0  # frozen-policy passes, forward only: the KL's reference, the NFT / AWM old policy
+    sampling: float  # rollout passes (the plan's steps; fewer per image with shared tree prefixes)
+    training: float  # policy passes of the loss (forward + backward)
+    reference: float = 0  # frozen-policy passes, forward only: the KL's reference, the NFT / AWM old policy
 
     @property
-    def total(self) -> int:
+    def total(self) -> float:
         return self.sampling + self.training + self.reference
 
 

@@ -39,6 +39,7 @@ class Advantages:
     advantages: torch.Tensor  # (N,)
     valid: torch.Tensor  # (N,) bool
     num_zero_variance_groups: int
+    per_step: torch.Tensor | None = None  # (N, S): one advantage per trained step (BranchGRPO's tree edges)
 
 
 def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

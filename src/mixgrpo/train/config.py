@@ -56,6 +56,8 @@ class SamplerConfig:
     prune_keep: int | None = None  # members per group left after the last prune (group_size is the expanded size)
     noise_per_group: bool = False  # each group's noise from its own generator: samples independent of batching/sharding
     groups_per_call: int | None = None  # groups per sampler call (None: all); needs noise_per_group
+    tree_splits: list[int] = field(default_factory=list)  # BranchGRPO: binary splits at these SDE steps (G = 2^n leaves)
+    split_noise_scale: float = 1.0  # BranchGRPO's kappa: children draw kappa-scaled noise at a split
 
     def validate(self) -> None:
         if self.num_steps < 2:
@@ -87,6 +89,13 @@ class SamplerConfig:
         if self.shift != "scheduler" and (isinstance(self.shift, str) or not self.shift > 0):
             raise ValueError(f"sampler.shift must be a number > 0 or 'scheduler' (flux/sd3: read the pipeline's "
                              f"scheduler config), got {self.shift!r}")
+        if self.tree_splits and (self.shared_prefix or self.prune_offsets or self.groups_per_call is not None
+                                 or not self.shared_noise):
+            raise ValueError("sampler.tree_splits (BranchGRPO trees) grow each group from its one shared noise: "
+                             "set sampler.shared_noise=true and leave out shared_prefix, prune_offsets and "
+                             "groups_per_call")
+        if not self.split_noise_scale > 0:
+            raise ValueError(f"sampler.split_noise_scale must be > 0, got {self.split_noise_scale}")
         if not self.noise_level > 0 or not self.guidance >= 1:
             raise ValueError("sampler.noise_level must be > 0 and sampler.guidance >= 1")
 
@@ -326,6 +335,12 @@ class TrainConfig:
         if self.sampler.sde_on == "none" and not forward:
             raise ValueError("sampler.sde_on=none leaves no stochastic step for the GRPO loss: use "
                              "loss.objective=nft or awm, or sde_on=trained")
+        if self.sampler.tree_splits:
+            leaves = 2 ** len(self.sampler.tree_splits)
+            if self.group_size != leaves or forward or self.loss.ovf_keep is not None or self.schedule.per_sample:
+                raise ValueError(f"sampler.tree_splits={self.sampler.tree_splits} grows {leaves} leaves per prompt: set "
+                                 f"group_size={leaves}, with loss.objective=grpo, no loss.ovf_keep, no "
+                                 "schedule.per_sample")
         if forward and self.sampler.prune_keep is not None:
             raise ValueError("Expand-and-Prune (sampler.prune_keep) needs loss.objective=grpo")
         if self.sampler.rollout_policy == "old" and not self.loss.uses_old_policy:

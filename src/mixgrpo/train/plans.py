@@ -12,6 +12,7 @@ import torch
 
 from ..core.accounting import ModelPasses, count_model_passes
 from ..core.grids import uniform_grid
+from ..core.tree import nodes_per_tree
 from ..core.sampler import SamplingPlan, flash_plan, mixed_plan
 from ..core.windows import WindowSchedule
 from .config import TrainConfig
@@ -51,17 +52,24 @@ def config_model_passes(cfg: TrainConfig, iteration: int = 0) -> ModelPasses:
     per_sample = schedule.subset_size if schedule.sampled_per_sample else len(trained)
     one = count_model_passes(plan, per_sample, cfg=cfg.sampler.guidance != 1.0, kl=cfg.loss.kl_beta > 0,
                              old=cfg.loss.uses_old_policy, forward=cfg.loss.objective != "grpo")
+    splits = cfg.sampler.tree_splits
+    if splits:  # a tree's passes are its nodes: per step the nodes entering it, per trained edge one
+        leaves, factor = cfg.group_size, 2 if cfg.sampler.guidance != 1.0 else 1
+        sampling = sum(nodes_per_tree(splits, k - 1) for k in range(plan.num_steps)) * factor / leaves
+        training = sum(nodes_per_tree(splits, k) for k in trained) * factor / leaves
+        one = ModelPasses(sampling, training, training if cfg.loss.kl_beta > 0 else 0)
     epochs = cfg.optim.inner_epochs
     return ModelPasses(one.sampling, one.training * epochs, one.reference * epochs)
 
 
 def preset_model_passes(num_steps: int = 25, shift: float = 3.0, iteration: int = 0) -> dict[str, ModelPasses]:
     """:func:`config_model_passes` of every preset on a ``num_steps`` grid with ``shift``; the
-    forward-process presets (DiffusionNFT 10 steps, AWM 14) keep their own sampler's grid."""
+    forward-process presets (DiffusionNFT 10 steps, AWM 14) and BranchGRPO (20, its splits
+    placed on it) keep their own grids."""
     out = {}
     for name in PRESETS:
         cfg = make_preset(name)
-        if cfg.loss.objective == "grpo":
+        if cfg.loss.objective == "grpo" and not cfg.sampler.tree_splits:
             cfg.sampler.num_steps = num_steps
         cfg.sampler.shift = shift
         out[name] = config_model_passes(cfg.validate(), iteration)

@@ -116,6 +116,28 @@ def dance_grpo(cfg: TrainConfig) -> None:
     cfg.loss.std_unbiased, cfg.loss.adv_eps = True, 1e-8
 
 
+def branch_grpo(cfg: TrainConfig) -> None:
+    """BranchGRPO (arXiv 2509.06040; Fredreic1849/BranchGRPO @ 19fbb9f,
+    ``fastvideo/train_branchgrpo_flux.py`` and ``scripts/finetune/finetune_flux_branchgrpo_8gpus.sh``):
+    DanceGRPO's SDE (eta 0.3) on a 20-step grid, one binary tree per prompt splitting at steps
+    0, 3, 6 and 9 (16 leaves sharing their prefixes), children drawn with 4x the step noise
+    (scored at the unscaled std); a node's reward is the mean of its leaves', each edge gets
+    its child's advantage among the nodes of its depth (unbiased std + 1e-8, clip 5); the
+    PPO loss (clip 1e-3) on every edge once, no KL. Deviations: the reference takes an
+    optimizer step every 12 edges (about 37 per iteration on 8 GPUs), ours one per iteration
+    as every preset; its last step (to t = 0) is stochastic and trained, ours is the plain
+    final step (no SDE density there); 2 prompts x 16 leaves per iteration (its 16 x 16)."""
+    _cpu_scale(cfg)
+    cfg.prompts_per_iter, cfg.group_size = 2, 16
+    cfg.sampler.num_steps = 20
+    cfg.sampler.sde_kind, cfg.sampler.noise_level, cfg.sampler.sde_on = "dance", 0.3, "all"
+    cfg.sampler.shared_noise = True
+    cfg.sampler.tree_splits, cfg.sampler.split_noise_scale = [0, 3, 6, 9], 4.0
+    cfg.schedule.name = "all"
+    cfg.loss.clip_range, cfg.loss.adv_clip, cfg.loss.kl_beta = 1e-3, 5.0, 0.0
+    cfg.loss.std_unbiased, cfg.loss.adv_eps = True, 1e-8
+
+
 def pro_grpo(cfg: TrainConfig) -> None:
     """Pro-GRPO (Expand-and-Prune) on Flow-GRPO sampling, as its paper builds it: groups start
     2x expanded (16), and after SDE steps 2 and 5 the members whose predicted clean samples
@@ -198,6 +220,7 @@ PRESETS: dict[str, Callable[[TrainConfig], None]] = {
     "flow-grpo": flow_grpo,
     "flow-grpo-guard": flow_grpo_guard,
     "dance-grpo": dance_grpo,
+    "branch-grpo": branch_grpo,
     "pro-grpo": pro_grpo,
     "mixgrpo-prefix": mixgrpo_prefix,
     "mixgrpo-pro": mixgrpo_pro,

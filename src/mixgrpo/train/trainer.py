@@ -26,6 +26,7 @@ from ..core.objective import LossSpec, step_loss
 from ..core.ovf import max_variance_subset
 from ..core.sampler import SamplingPlan, concat_rollouts, initial_noise, sample
 from ..core.steps import SDENoise
+from ..core.tree import sample_tree, tree_advantages
 from ..inference.generate import generate_prompts
 from ..models.lora import adapters_disabled, add_lora
 from ..models.tiny_dit import TextCondition
@@ -194,6 +195,17 @@ class GRPOTrainer:
         step = s.groups_per_call or p
         parts, finished = [], []
         old = self.old.swapped(self.params) if s.rollout_policy == "old" else nullcontext()
+        if s.tree_splits:  # BranchGRPO: one tree per group
+            out = sample_tree(ConditionedVelocity(self.velocity, cond), x1, plan, self.noise, s.tree_splits,
+                              s.split_noise_scale, group_size=g, reduction=cfg.loss.reduction,
+                              generator=gens if s.noise_per_group else gens[0])
+            images, _ = self._decode_and_score(out.x0, prompts, False)
+            positions = [i for i, k in enumerate(out.transitions.step_index) if k in set(trained)]
+            steps = [out.transitions.step_index[i] for i in positions]
+            ids = [gi * g + j for gi in local for j in range(g)]
+            return RolloutBatch(prompts, cond, out, images, positions, plan, g, None,
+                                tree_advantages(torch.zeros(p, g), s.tree_splits, steps)[1], iteration=iteration,
+                                row_ids=ids)
         with old, ThreadPoolExecutor(1) if cfg.rewards_in_background else nullcontext() as pool:
             for first in range(0, p, step):
                 groups = range(first, min(first + step, p))
@@ -298,10 +310,14 @@ class GRPOTrainer:
         self.model.train()
         mask = batch.sample_mask().to(self.device)  # (N, len(trained))
         weight = 1.0 / (n_valid * mask.sum(1).clamp(min=1).double())  # per sample
+        per_step = adv.per_step.to(self.device) if adv.per_step is not None else None
+        if per_step is not None:  # tree edges: each once, all with the same weight (mean over edges)
+            edges = round(sum_over_ranks(float(mask[valid].sum()), self.dist))
+            weight = torch.full((mask.shape[0],), 1.0 / max(edges, 1), dtype=torch.float64, device=self.device)
         # DDP and FSDP average gradients over ranks; this loss is a sum over all ranks' samples
         chunks = [c for c in valid.split(cfg.optim.micro_batch) if c.numel()]  # none on a rank without signal
-        work = [(s, idx[mask[idx, j]]) for j, s in enumerate(batch.trained) for idx in chunks]
-        work = [(s, idx) for s, idx in work if idx.numel()]  # (trained position, its samples in a micro-batch)
+        work = [(j, s, idx[mask[idx, j]]) for j, s in enumerate(batch.trained) for idx in chunks]
+        work = [(j, s, idx) for j, s, idx in work if idx.numel()]  # (trained step j at position s, its samples)
         terms = 0
         for _ in range(cfg.optim.inner_epochs):
             self.optimizer.zero_grad(set_to_none=True)
@@ -311,7 +327,7 @@ class GRPOTrainer:
                 s0 = batch.trained[0]
                 t0 = torch.full((1,), tr.t[s0].item(), device=self.device)
                 (self.train_velocity(tr.x[s0][first], t0, batch.cond.index(first)) * 0).sum().backward()
-            for n, (s, idx) in enumerate(work):
+            for n, (j, s, idx) in enumerate(work):
                 t, t_next = tr.t[s].item(), tr.t_next[s].item()
                 # gradients are all-reduced once per optimizer step, on the last backward
                 sync = self.ddp.no_sync() if self.ddp is not None and n < len(work) - 1 else nullcontext()
@@ -324,7 +340,8 @@ class GRPOTrainer:
                     if self.loss_spec.kl_beta > 0:
                         with torch.no_grad():
                             v_ref = self.velocity(x, t_vec, cond, reference=True)
-                    per_sample, st = step_loss(v, x, tr.x_next[s][idx], tr.log_prob[s][idx], advantages[idx], t, t_next,
+                    a = per_step[idx, j] if per_step is not None else advantages[idx]
+                    per_sample, st = step_loss(v, x, tr.x_next[s][idx], tr.log_prob[s][idx], a, t, t_next,
                                                self.noise, self.loss_spec, v_ref,
                                                tr.mean[s][idx] if tr.mean is not None else None)
                     loss = (per_sample * weight[idx].to(per_sample.dtype)).sum()
@@ -358,8 +375,17 @@ class GRPOTrainer:
         adv = self.advantages(rewards, g)
         if self.cfg.loss.objective != "grpo":  # the references train every sample, a constant group's at A = 0
             adv = Advantages(adv.advantages, ~dropped, adv.num_zero_variance_groups)
+        per_step = None
+        if self.cfg.sampler.tree_splits:  # BranchGRPO: each edge its node's advantage within its depth
+            w = self.cfg.reward_weights
+            total = sum(w[n] * r for n, r in rewards.items()) / sum(w.values())
+            steps = [batch.rollout.transitions.step_index[i] for i in batch.trained]
+            per_step = tree_advantages(total.view(-1, g), self.cfg.sampler.tree_splits, steps,
+                                       clip=self.cfg.loss.adv_clip)[0]
+            adv = Advantages(adv.advantages, ~dropped, adv.num_zero_variance_groups)
         mine = slice(self.dist.rank * n_local, (self.dist.rank + 1) * n_local)
-        stats = self.update(batch, Advantages(adv.advantages[mine], adv.valid[mine], adv.num_zero_variance_groups))
+        stats = self.update(batch, Advantages(adv.advantages[mine], adv.valid[mine], adv.num_zero_variance_groups,
+                                              per_step[mine] if per_step is not None else None))
         # partial NaN/Inf only costs its groups; an iteration that taught nothing because of
         # them counts towards optim.max_nonfinite
         if stats["skipped_update"] or (bad.any() and dropped.all()):
