@@ -289,7 +289,7 @@ def export(
 @app.command()
 def bench(
     out: Annotated[Path, typer.Option(help="New folder for bench.json, bench.md and the plots.")],
-    presets: Annotated[str | None, typer.Option(help="Comma-separated presets (default: dance-grpo, mixgrpo, mixgrpo-flash, mixgrpo-flash-star); preset[key=value;...] adds a variant with its own overrides; 'frontier' = dance-grpo, flow-grpo, mixgrpo, mixgrpo-flash-star, flow-grpo-guard, nft, awm.")] = None,
+    presets: Annotated[str | None, typer.Option(help="Comma-separated presets (default: dance-grpo, mixgrpo, mixgrpo-flash, mixgrpo-flash-star); preset[key=value;...] adds a variant with its own overrides; 'frontier' = dance-grpo, flow-grpo, mixgrpo, mixgrpo-flash-star, flow-grpo-guard, nft, awm, branch-grpo.")] = None,
     seeds: Annotated[int | None, typer.Option(help="Seeds per preset (default 3; --quick 1).")] = None,
     iterations: Annotated[int | None, typer.Option(help="Iterations per run (default 40; --quick 8).")] = None,
     quick: Annotated[bool, typer.Option(help="Small groups and evaluation, 8 iterations: a few minutes here.")] = False,

@@ -14,7 +14,8 @@ __all__ = ["ABLATIONS", "ARM_SETS", "DEFAULT_PRESETS", "QUICK", "ablation_arms",
 
 DEFAULT_PRESETS = ["dance-grpo", "mixgrpo", "mixgrpo-flash", "mixgrpo-flash-star"]
 # `--presets frontier`: the MixGRPO-era baselines beside the methods that followed it
-ARM_SETS = {"frontier": ["dance-grpo", "flow-grpo", "mixgrpo", "mixgrpo-flash-star", "flow-grpo-guard", "nft", "awm"]}
+ARM_SETS = {"frontier": ["dance-grpo", "flow-grpo", "mixgrpo", "mixgrpo-flash-star", "flow-grpo-guard", "nft", "awm",
+                         "branch-grpo"]}
 ABLATIONS = ("window", "flash-steps", "ovf")
 
 
