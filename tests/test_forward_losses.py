@@ -11,6 +11,8 @@ References:
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -150,7 +152,7 @@ def test_awm_stratified_times_match_discrete_wo_init():
     assert bounds == [1, 2, 4, 6, 8, 10, 12]
     mask = sched.sample_steps(0, list(range(64)))
     assert mask.shape == (64, 14) and (mask.sum(1) == 6).all()
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+    for lo, hi in itertools.pairwise(bounds):
         assert (mask[:, lo:hi].sum(1) == 1).all()
     assert len({tuple(np.flatnonzero(m)) for m in mask}) > 1  # per-sample draws
     assert not mask[:, 0].any() and not mask[:, 12:].any()

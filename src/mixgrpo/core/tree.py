@@ -18,7 +18,15 @@ from collections.abc import Sequence
 import torch
 
 from .sampler import Rollout, RowVelocity, SamplingPlan, Transitions
-from .steps import Reduction, SDENoise, euler_step, gaussian_log_prob, sde_moments, standard_noise, upcast
+from .steps import (
+    Reduction,
+    SDENoise,
+    euler_step,
+    gaussian_log_prob,
+    sde_moments,
+    standard_noise,
+    upcast,
+)
 
 __all__ = ["nodes_per_tree", "sample_tree", "tree_advantages"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -10,7 +11,30 @@ import torch
 from ..core.sampler import Rollout, SamplingPlan
 from ..models.tiny_dit import TextCondition
 
-__all__ = ["NonFiniteError", "RolloutBatch", "iteration_generator", "nonfinite_samples"]
+__all__ = ["Learner", "NonFiniteError", "RolloutBatch", "iteration_generator", "nonfinite_samples"]
+
+
+class Learner(Protocol):
+    """What an update function needs from the trainer (:class:`~mixgrpo.train.trainer.GRPOTrainer`):
+    the config, the policy and its optimizer, the frozen copies, the process group."""
+
+    cfg: Any  # TrainConfig
+    device: torch.device
+    dist: Any  # Dist
+    model: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    ddp: Any  # DistributedDataParallel | None
+    old: Any  # OldPolicy | None
+    optimizer_steps: int
+    noise: Any  # SDENoise
+    loss_spec: Any  # LossSpec
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition, *, reference: bool = False) -> torch.Tensor: ...
+
+    def train_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition) -> torch.Tensor: ...
+
+    def optimizer_step(self, loss_finite: bool) -> bool: ...
 
 
 class NonFiniteError(ValueError):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,11 +26,8 @@ from ..core.forward_losses import (
     velocity_regulariser,
 )
 from ..core.grpo import Advantages
-from .batch import RolloutBatch, iteration_generator
+from .batch import Learner, RolloutBatch, iteration_generator
 from .distributed import sum_over_ranks
-
-if TYPE_CHECKING:
-    from .trainer import GRPOTrainer
 
 __all__ = ["OldPolicy", "forward_update"]
 
@@ -75,7 +71,7 @@ def _fresh_noise(batch: RolloutBatch, seed: int, epoch: int, shape: torch.Size) 
     ])
 
 
-def forward_update(trainer: GRPOTrainer, batch: RolloutBatch, adv: Advantages) -> dict[str, float]:
+def forward_update(trainer: Learner, batch: RolloutBatch, adv: Advantages) -> dict[str, float]:
     """One optimizer step per inner epoch on the objective's loss, averaged over the trained
     samples and their ``K`` loss times (each sample's term weighs ``1 / (n * K)``, as the
     references divide by their accumulation count):

@@ -12,8 +12,8 @@ import torch
 
 from ..core.accounting import ModelPasses, count_model_passes
 from ..core.grids import uniform_grid
-from ..core.tree import nodes_per_tree
 from ..core.sampler import SamplingPlan, flash_plan, mixed_plan
+from ..core.tree import nodes_per_tree
 from ..core.windows import WindowSchedule
 from .config import TrainConfig
 from .presets import PRESETS, make_preset

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -22,7 +21,7 @@ import torch
 
 from ..core.grids import uniform_grid
 from ..core.grpo import Advantages, multi_reward_advantages
-from ..core.objective import LossSpec, step_loss
+from ..core.objective import LossSpec
 from ..core.ovf import max_variance_subset
 from ..core.sampler import SamplingPlan, concat_rollouts, initial_noise, sample
 from ..core.steps import SDENoise
@@ -39,10 +38,10 @@ from .distributed import (
     Dist,
     all_gather_rows,
     check_distributed_config,
-    sum_over_ranks,
 )
 from .forward_update import OldPolicy, forward_update
 from .fsdp import shard_model
+from .grpo_update import grpo_update
 from .plans import make_schedule, sampling_plan
 
 __all__ = ["GRPOTrainer", "NonFiniteError", "RolloutBatch"]
@@ -293,70 +292,11 @@ class GRPOTrainer:
         return True
 
     def update(self, batch: RolloutBatch, adv: Advantages) -> dict[str, float]:
-        """The loss of :func:`~mixgrpo.core.objective.step_loss` on each sample's trained steps,
-        gradients accumulated over micro-batches of the samples that carry signal, one AdamW
-        step per inner epoch. Each sample's terms weigh ``1 / (n_valid * its trained steps)``:
-        the loss is the mean over samples of their mean over trained steps. The
-        forward-process objectives go to :func:`~mixgrpo.train.forward_update.forward_update`."""
-        if self.cfg.loss.objective != "grpo":
-            return forward_update(self, batch, adv)
-        cfg, tr = self.cfg, batch.rollout.transitions
-        valid = adv.valid.nonzero().squeeze(1).to(self.device)
-        advantages = adv.advantages.to(self.device)
-        stats = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "ratio_mean": 0.0, "kl": 0.0, "skipped_update": 0.0}
-        n_valid = round(sum_over_ranks(float(valid.numel()), self.dist))  # the loss averages over all ranks' samples
-        if n_valid == 0 or not batch.trained:
-            return stats
-        self.model.train()
-        mask = batch.sample_mask().to(self.device)  # (N, len(trained))
-        weight = 1.0 / (n_valid * mask.sum(1).clamp(min=1).double())  # per sample
-        per_step = adv.per_step.to(self.device) if adv.per_step is not None else None
-        if per_step is not None:  # tree edges: each once, all with the same weight (mean over edges)
-            edges = round(sum_over_ranks(float(mask[valid].sum()), self.dist))
-            weight = torch.full((mask.shape[0],), 1.0 / max(edges, 1), dtype=torch.float64, device=self.device)
-        # DDP and FSDP average gradients over ranks; this loss is a sum over all ranks' samples
-        chunks = [c for c in valid.split(cfg.optim.micro_batch) if c.numel()]  # none on a rank without signal
-        work = [(j, s, idx[mask[idx, j]]) for j, s in enumerate(batch.trained) for idx in chunks]
-        work = [(j, s, idx) for j, s, idx in work if idx.numel()]  # (trained step j at position s, its samples)
-        terms = 0
-        for _ in range(cfg.optim.inner_epochs):
-            self.optimizer.zero_grad(set_to_none=True)
-            epoch_loss = stats["loss"]
-            if self.ddp is not None and not work:  # nothing here, but this rank must join the all-reduce
-                first = torch.zeros(1, dtype=torch.long, device=self.device)
-                s0 = batch.trained[0]
-                t0 = torch.full((1,), tr.t[s0].item(), device=self.device)
-                (self.train_velocity(tr.x[s0][first], t0, batch.cond.index(first)) * 0).sum().backward()
-            for n, (j, s, idx) in enumerate(work):
-                t, t_next = tr.t[s].item(), tr.t_next[s].item()
-                # gradients are all-reduced once per optimizer step, on the last backward
-                sync = self.ddp.no_sync() if self.ddp is not None and n < len(work) - 1 else nullcontext()
-                with sync:
-                    cond = batch.cond.index(idx)
-                    t_vec = torch.full((idx.numel(),), t, device=self.device)
-                    x = tr.x[s][idx]
-                    v = self.train_velocity(x, t_vec, cond)
-                    v_ref = None
-                    if self.loss_spec.kl_beta > 0:
-                        with torch.no_grad():
-                            v_ref = self.velocity(x, t_vec, cond, reference=True)
-                    a = per_step[idx, j] if per_step is not None else advantages[idx]
-                    per_sample, st = step_loss(v, x, tr.x_next[s][idx], tr.log_prob[s][idx], a, t, t_next,
-                                               self.noise, self.loss_spec, v_ref,
-                                               tr.mean[s][idx] if tr.mean is not None else None)
-                    loss = (per_sample * weight[idx].to(per_sample.dtype)).sum()
-                    (loss * self.dist.world_size).backward()
-                    stats["loss"] += loss.item()
-                    for key in ("clip_frac", "approx_kl", "ratio_mean", "kl"):
-                        stats[key] += st[key].item()
-                    terms += 1
-            stats["loss"] = epoch_loss + sum_over_ranks(stats["loss"] - epoch_loss, self.dist)
-            if not self.optimizer_step(math.isfinite(stats["loss"])):
-                stats["skipped_update"] = 1.0
-        for key in ("clip_frac", "approx_kl", "ratio_mean", "kl"):
-            stats[key] /= max(terms, 1)
-        stats["loss"] /= cfg.optim.inner_epochs
-        return stats
+        """One update on the batch: the GRPO loss on the stored SDE transitions
+        (:func:`~mixgrpo.train.grpo_update.grpo_update`) or a forward-process objective on
+        the clean samples (:func:`~mixgrpo.train.forward_update.forward_update`)."""
+        update = forward_update if self.cfg.loss.objective != "grpo" else grpo_update
+        return update(self, batch, adv)
 
     def step(self, iteration: int) -> dict[str, Any]:
         """One GRPO iteration; returns the metrics row."""
