@@ -123,7 +123,8 @@ def test_two_ranks_compute_the_single_process_gradient(config_file, tmp_path):
         assert worst <= 1e-6 * largest, f"{mode}: max |grad diff| {worst:.3g} vs largest entry {largest:.3g}"
 
 
-@pytest.mark.parametrize("preset", ["nft", "awm", "branch-grpo"])
+@pytest.mark.parametrize("preset", ["nft", pytest.param("awm", marks=pytest.mark.slow),
+                                    pytest.param("branch-grpo", marks=pytest.mark.slow)])
 def test_newer_methods_two_ranks_compute_the_single_process_gradient(tmp_path, preset):
     """DiffusionNFT, AWM and BranchGRPO under DDP: the same first gradient as one process
     (re-noising draws by each sample's row in the whole batch; a tree by its group's

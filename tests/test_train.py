@@ -157,7 +157,7 @@ def test_train_cli_end_to_end_writes_every_output(tiny_checkpoint, tmp_path):
         assert key in summary, key
 
 
-@pytest.mark.parametrize("preset", ["mixgrpo", "nft", "awm"])  # nft / awm: the old policy and step count resume too
+@pytest.mark.parametrize("preset", ["mixgrpo", "nft", pytest.param("awm", marks=pytest.mark.slow)])  # + old policy
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny_checkpoint, tmp_path, preset):
     cfg = tiny_config(tiny_checkpoint, preset)
     full = GRPOTrainer(cfg)
