@@ -179,3 +179,22 @@ def test_scheduler_shift_matches_the_pipelines_sigmas(model, tmp_path):
     dynamic.set_timesteps(sigmas=sigmas.numpy(), mu=calculate_shift(64 * 64))
     assert shift == pytest.approx(3.158, abs=1e-3)  # exp(1.15)
     assert torch.allclose(time_shift(sigmas, shift).float(), dynamic.sigmas[:-1].float(), atol=1e-5)
+
+
+@pytest.mark.parametrize(("preset", "extra"), [
+    ("nft", []), ("awm", []), ("branch-grpo", ["group_size=4", "sampler.tree_splits=[0, 2]", "prompts_per_iter=1"]),
+])
+@pytest.mark.parametrize("lora", [0, 4])
+def test_newer_methods_train_flux_and_sd3(model, preset, extra, lora, tmp_path):
+    """DiffusionNFT, AWM and BranchGRPO on the tiny pipelines, LoRA and full: the run
+    finishes, the trained weights move, a LoRA run leaves the base bitwise unchanged."""
+    cfg = _config(model, preset, f"model.lora_rank={lora}", "model.lora_alpha=8", *extra)
+    trainer = GRPOTrainer(cfg)
+    transformer = trainer.backend.lora_module
+    frozen = {n: p.detach().clone() for n, p in transformer.named_parameters() if lora and "lora_" not in n}
+    before = [p.detach().clone() for p in trainer.params]
+    summary = train(cfg, tmp_path / "run", trainer=trainer)
+    assert summary["iterations"] == 2
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params, strict=True))
+    after = dict(transformer.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in frozen.items())
