@@ -134,6 +134,7 @@ def branch_grpo(cfg: TrainConfig) -> None:
     cfg.sampler.shared_noise = True
     cfg.sampler.tree_splits, cfg.sampler.split_noise_scale = [0, 3, 6, 9], 4.0
     cfg.schedule.name = "all"
+    cfg.eval_steps = 25  # held-out samples on the same 25-step grid as every other preset
     cfg.loss.clip_range, cfg.loss.adv_clip, cfg.loss.kl_beta = 1e-3, 5.0, 0.0
     cfg.loss.std_unbiased, cfg.loss.adv_eps = True, 1e-8
 
