@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
 DEMO_OUT ?= runs/demo
-DEMO_PRESET ?= awm
+DEMO_PRESET ?= mixgrpo
 DEMO_ARGS ?=
 
 .PHONY: venv install dev demo test test-slow lint clean parity
@@ -33,9 +33,8 @@ $(VENV)/.installed: $(VENV)/.created pyproject.toml
 
 install: $(VENV)/.installed
 
-# The main job on the embedded default: RL on the shipped tiny model with the preset that
-# measurably learns it on a 2-core CPU (AWM; see the README's bench). DEMO_PRESET=mixgrpo
-# runs MixGRPO instead. An earlier runs/demo is kept, renamed with a timestamp.
+# The main job on the embedded default: MixGRPO on the shipped tiny model (DEMO_PRESET=awm,
+# nft, dance-grpo, ... runs another preset). An earlier runs/demo is kept, renamed with a timestamp.
 demo: install
 	@if [ -e $(DEMO_OUT) ]; then mv $(DEMO_OUT) $(DEMO_OUT).$$(date +%Y%m%d-%H%M%S); fi
 	$(VENV)/bin/mixgrpo train --preset $(DEMO_PRESET) --out $(DEMO_OUT) --set model.dtype=bfloat16 $(DEMO_ARGS)
