@@ -28,7 +28,7 @@ from .steps import (
     upcast,
 )
 
-__all__ = ["nodes_per_tree", "sample_tree", "tree_advantages"]
+__all__ = ["nodes_per_tree", "sample_tree", "tree_advantages", "tree_edge_mask"]
 
 
 def nodes_per_tree(splits: Sequence[int], step: int) -> int:
@@ -108,6 +108,15 @@ def sample_tree(
                    row_passes=row_passes)
 
 
+def tree_edge_mask(trees: int, group: int, splits: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
+    """``(trees * group, len(steps))`` bool: the one leaf (the first under its node) that trains
+    each edge out of ``steps``, so every edge of every tree enters the loss once."""
+    mask = torch.zeros(trees, group, len(steps), dtype=torch.bool)
+    for j, k in enumerate(steps):
+        mask[:, :: group // nodes_per_tree(splits, k), j] = True
+    return mask.reshape(trees * group, -1)
+
+
 def tree_advantages(
     leaf_rewards: torch.Tensor, splits: Sequence[int], steps: Sequence[int], *, eps: float = 1e-8,
     clip: float | None = 5.0,
@@ -125,12 +134,11 @@ def tree_advantages(
         steps: the trained SDE steps, in order.
 
     Returns:
-        ``(P * G, len(steps))`` advantages, each node's on every leaf under it, and the
-        ``(P * G, len(steps))`` bool mask of the one leaf (the first) that trains each edge.
+        ``(P * G, len(steps))`` advantages, each node's on every leaf under it, and
+        :func:`tree_edge_mask`.
     """
     trees, group = leaf_rewards.shape
     adv = torch.zeros(trees, group, len(steps), dtype=leaf_rewards.dtype)
-    mask = torch.zeros(trees, group, len(steps), dtype=torch.bool)
     for j, k in enumerate(steps):
         m = nodes_per_tree(splits, k)
         nodes = leaf_rewards.reshape(trees, m, group // m).mean(2)  # (P, m)
@@ -139,7 +147,6 @@ def tree_advantages(
             a = (nodes - nodes.mean(dim=1, keepdim=True)) / (std + eps)
             a = a.masked_fill(std < 1e-6, 0.0)
             adv[:, :, j] = a.repeat_interleave(group // m, dim=1)
-        mask[:, :: group // m, j] = True
     if clip is not None:
         adv = adv.clamp(-clip, clip)
-    return adv.reshape(trees * group, -1), mask.reshape(trees * group, -1)
+    return adv.reshape(trees * group, -1), tree_edge_mask(trees, group, splits, steps)

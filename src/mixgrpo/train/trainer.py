@@ -25,7 +25,7 @@ from ..core.objective import LossSpec
 from ..core.ovf import max_variance_subset
 from ..core.sampler import SamplingPlan, concat_rollouts, initial_noise, sample
 from ..core.steps import SDENoise
-from ..core.tree import sample_tree, tree_advantages
+from ..core.tree import sample_tree, tree_advantages, tree_edge_mask
 from ..inference.generate import generate_prompts
 from ..models.lora import adapters_disabled, add_lora
 from ..models.tiny_dit import TextCondition
@@ -194,17 +194,17 @@ class GRPOTrainer:
         step = s.groups_per_call or p
         parts, finished = [], []
         old = self.old.swapped(self.params) if s.rollout_policy == "old" else nullcontext()
+        ids = [gi * g + j for gi in local for j in range(g)]  # rows in the whole batch
+        trained_set = set(trained)
         if s.tree_splits:  # BranchGRPO: one tree per group
             out = sample_tree(ConditionedVelocity(self.velocity, cond), x1, plan, self.noise, s.tree_splits,
                               s.split_noise_scale, group_size=g, reduction=cfg.loss.reduction,
                               generator=gens if s.noise_per_group else gens[0])
             images, _ = self._decode_and_score(out.x0, prompts, False)
-            positions = [i for i, k in enumerate(out.transitions.step_index) if k in set(trained)]
+            positions = [i for i, k in enumerate(out.transitions.step_index) if k in trained_set]
             steps = [out.transitions.step_index[i] for i in positions]
-            ids = [gi * g + j for gi in local for j in range(g)]
             return RolloutBatch(prompts, cond, out, images, positions, plan, g, None,
-                                tree_advantages(torch.zeros(p, g), s.tree_splits, steps)[1], iteration=iteration,
-                                row_ids=ids)
+                                tree_edge_mask(p, g, s.tree_splits, steps), iteration=iteration, row_ids=ids)
         with old, ThreadPoolExecutor(1) if cfg.rewards_in_background else nullcontext() as pool:
             for first in range(0, p, step):
                 groups = range(first, min(first + step, p))
@@ -227,12 +227,10 @@ class GRPOTrainer:
         if s.prune_keep is not None:
             group_size = s.prune_keep
             prompts, cond = [prompts[i] for i in out.kept.tolist()], cond.index(out.kept)
-        ids = [gi * g + j for gi in local for j in range(g)]  # rows in the whole batch
         if cfg.loss.objective != "grpo":  # forward-process loss: each sample's loss times on the training grid
             steps = torch.from_numpy(self.schedule.sample_steps(iteration, ids))
             times = self.grid[:-1].float()[steps.nonzero()[:, 1]].view(len(ids), -1)
             return RolloutBatch(prompts, cond, out, images, [], plan, group_size, rewards, None, times, iteration, ids)
-        trained_set = set(trained)
         positions = [i for i, k in enumerate(out.transitions.step_index) if k in trained_set]
         mask = None
         if self.schedule.per_sample:  # each sample its own steps, drawn by its row in the whole batch
@@ -313,15 +311,15 @@ class GRPOTrainer:
         dropped = bad.view(-1, g).any(1).repeat_interleave(g)
         rewards = {n: r.masked_fill(dropped, 0.0) for n, r in rewards.items()}
         adv = self.advantages(rewards, g)
-        if self.cfg.loss.objective != "grpo":  # the references train every sample, a constant group's at A = 0
-            adv = Advantages(adv.advantages, ~dropped, adv.num_zero_variance_groups)
+        weights = self.cfg.reward_weights
+        total = sum(weights[n] * r for n, r in rewards.items()) / sum(weights.values())
         per_step = None
         if self.cfg.sampler.tree_splits:  # BranchGRPO: each edge its node's advantage within its depth
-            w = self.cfg.reward_weights
-            total = sum(w[n] * r for n, r in rewards.items()) / sum(w.values())
             steps = [batch.rollout.transitions.step_index[i] for i in batch.trained]
             per_step = tree_advantages(total.view(-1, g), self.cfg.sampler.tree_splits, steps,
                                        clip=self.cfg.loss.adv_clip)[0]
+        if self.cfg.loss.objective != "grpo" or per_step is not None:
+            # the references train every finite sample: a constant group's at A = 0, every tree edge
             adv = Advantages(adv.advantages, ~dropped, adv.num_zero_variance_groups)
         mine = slice(self.dist.rank * n_local, (self.dist.rank + 1) * n_local)
         stats = self.update(batch, Advantages(adv.advantages[mine], adv.valid[mine], adv.num_zero_variance_groups,
@@ -338,8 +336,6 @@ class GRPOTrainer:
                 )
         else:
             self.nonfinite_streak = 0
-        weights = self.cfg.reward_weights
-        total = sum(weights[n] * r for n, r in rewards.items()) / sum(weights.values())
         ok = ~dropped
         row = {
             "iteration": iteration,
