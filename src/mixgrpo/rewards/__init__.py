@@ -15,6 +15,7 @@ from .flatness import FlatnessReward
 from .imagereward import ImageRewardReward
 from .official import OfficialHPS, OfficialImageReward
 from .preference import CLIPScoreReward, HPSv21Reward, PickScoreReward
+from .vlm_judge import VLMJudgeReward
 
 __all__ = [
     "CLIPScoreReward",
@@ -27,6 +28,7 @@ __all__ = [
     "OfficialImageReward",
     "PickScoreReward",
     "Reward",
+    "VLMJudgeReward",
     "check_images",
     "get_reward",
     "list_rewards",
