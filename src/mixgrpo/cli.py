@@ -145,11 +145,31 @@ def _parse_blends(blend: str) -> list[float]:
     return values
 
 
-def _load_prompts(prompt: list[str] | None, prompts: str | None, limit: int | None = None) -> list[str]:
+EmbeddingsOpt = Annotated[str | None, typer.Option(help="FLUX/SD3: a `mixgrpo preprocess` folder holding the prompts (alone: all of its prompts). Default: the run's, else the pipeline's text encoders encode them once.")]
+ImageSizeOpt = Annotated[int | None, typer.Option(help="FLUX/SD3: pixels per side (default: the run's or export's).")]
+FluxGuidanceOpt = Annotated[float | None, typer.Option(help="FLUX.1's distilled guidance (default: the run's, else 3.5).")]
+DeviceOpt = Annotated[str, typer.Option(help="FLUX/SD3: where the model samples (cpu, cuda, cuda:N).")]
+OffloadOpt = Annotated[bool, typer.Option(help="FLUX/SD3 full fine-tunes: keep the policy and its base on the CPU in turn while the other samples (for --blend).")]
+ShiftOpt = Annotated[float | None, typer.Option(help="Time shift of the sampling grid (default: 3 for the embedded model; the run's, else the scheduler's, for FLUX/SD3).")]
+
+
+def _diffusers_options(embeddings, image_size, flux_guidance, device, offload) -> dict:
+    return {"embeddings": embeddings, "image_size": image_size, "flux_guidance": flux_guidance, "device": device,
+            "offload": offload}
+
+
+def _load_prompts(prompt: list[str] | None, prompts: str | None, limit: int | None = None,
+                  embeddings: str | None = None) -> list[str]:
     from .data import read_prompt_file
 
+    if not prompt and not prompts and embeddings:  # every prompt of a preprocess folder
+        from .text.preprocess import load_embeddings
+
+        prompts_in, _, _ = load_embeddings(embeddings)
+        return prompts_in[:limit] if limit else prompts_in
     if bool(prompt) == bool(prompts):
-        raise ValueError("pass either --prompt TEXT (repeatable) or --prompts FILE, not both or neither")
+        raise ValueError("pass either --prompt TEXT (repeatable) or --prompts FILE (or, for FLUX/SD3, --embeddings "
+                         "FOLDER), not both or neither")
     if prompts == "heldout":
         from .world.grammar import heldout_eval_prompts
 
@@ -175,21 +195,28 @@ def sample(
     cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
     images_dir: Annotated[Path | None, typer.Option(help="Also write each image as its own PNG in this folder.")] = None,
+    embeddings: EmbeddingsOpt = None,
+    image_size: ImageSizeOpt = None,
+    flux_guidance: FluxGuidanceOpt = None,
+    device: DeviceOpt = "cpu",
+    offload: OffloadOpt = False,
+    shift: ShiftOpt = None,
 ) -> None:
     """Generate images with a checkpoint: a captioned grid (and single PNGs on request)."""
     from .inference.generate import generate_prompts
     from .inference.policy import load_policy
-    from .text import cached_embeddings
     from .viz import save_image_grid, save_images
 
     try:
-        chosen = _load_prompts(prompt, prompts)
+        chosen = _load_prompts(prompt, prompts, embeddings=embeddings)
         if steps < 1:
             raise ValueError(f"--steps must be >= 1, got {steps}")
         _parse_blends(str(blend))
-        policy = load_policy(checkpoint, on_note=_note)
-        images = generate_prompts(policy, cached_embeddings(list(dict.fromkeys(chosen))), chosen, seed=seed, steps=steps,
-                                  solver=solver, guidance=cfg, blend=blend, base=policy.base)
+        policy = load_policy(checkpoint, on_note=_note,
+                             **_diffusers_options(embeddings, image_size, flux_guidance, device, offload))
+        images = generate_prompts(policy, policy.conditions(chosen), chosen, seed=seed, steps=steps, solver=solver,
+                                  guidance=cfg, blend=blend, base=policy.base, decode=policy.decode,
+                                  shift=policy.shift if shift is None else shift, device=policy.device)
         save_image_grid(out, images, chosen)
         if images_dir is not None:
             save_images(images_dir, images)
@@ -210,6 +237,12 @@ def eval_(
     solver: Annotated[str, typer.Option(help="ODE solver: euler, dpm2 or dpm3.")] = "euler",
     cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).")] = 1.0,
     limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
+    embeddings: EmbeddingsOpt = None,
+    image_size: ImageSizeOpt = None,
+    flux_guidance: FluxGuidanceOpt = None,
+    device: DeviceOpt = "cpu",
+    offload: OffloadOpt = False,
+    shift: ShiftOpt = None,
 ) -> None:
     """Score checkpoints on a prompt set: mean, std, 95% CI per reward, and per-prompt scores."""
     import json
@@ -219,7 +252,7 @@ def eval_(
     from .rewards import get_reward
 
     try:
-        chosen = _load_prompts(None, prompts, limit)
+        chosen = _load_prompts(None, None if embeddings and prompts == "heldout" else prompts, limit, embeddings)
         blends = _parse_blends(blend)
         if seeds < 1 or steps < 1:
             raise ValueError(f"--seeds and --steps must be >= 1, got {seeds} and {steps}")
@@ -228,12 +261,13 @@ def eval_(
             raise ValueError("--rewards is empty; name at least one reward, e.g. composition")
         for name in names:
             get_reward(name)
-        policies = [load_policy(c, on_note=_note) for c in (checkpoint or ["base"])]
+        options = _diffusers_options(embeddings, image_size, flux_guidance, device, offload)
+        policies = [load_policy(c, on_note=_note, **options) for c in (checkpoint or ["base"])]
     except (ValueError, KeyError, FileNotFoundError, OSError) as err:
         _fail(str(err.args[0]) if isinstance(err, KeyError) else str(err))
     # an interrupted evaluation left its finished parts in OUT.partial: the same command continues
     job = {"prompts": chosen, "rewards": names, "blends": blends, "seeds": seeds, "steps": steps, "solver": solver,
-           "cfg": cfg, "policies": [[p.name, p.source] for p in policies]}
+           "cfg": cfg, "shift": shift, "policies": [[p.name, p.source] for p in policies]}
     progress_file = EvalProgress(out.with_name(out.name + ".partial"), job)
     if progress_file.resumed:
         _note(f"continuing the interrupted evaluation in {progress_file.path} ({progress_file.resumed} parts done)")
@@ -249,7 +283,7 @@ def eval_(
                     progress.update(task, info=f"{policy.name} blend {b:g}")
                     where = f"{i}:{b!r}"
                     results.append(evaluate_policy(
-                        policy, chosen, names, blend=b, seeds=seeds, steps=steps, solver=solver, guidance=cfg,
+                        policy, chosen, names, blend=b, seeds=seeds, steps=steps, solver=solver, guidance=cfg, shift=shift,
                         on_images=lambda k: progress.advance(task, k), done=progress_file.parts(where),
                         on_part=lambda key, part, where=where: progress_file.add(where, key, part)))
     except KeyboardInterrupt:

@@ -57,7 +57,7 @@ def export_diffusers_run(run: Path, out: Path, *, lora: str, ema: bool = True, o
         getattr(diffusers, pipeline_class).save_lora_weights(
             out, transformer_lora_layers=layers, weight_name=LORA_WEIGHTS, safe_serialization=True,
             transformer_lora_adapter_metadata=lora_config(m.lora_rank, m.lora_alpha, targets).to_dict())
-        meta = {"base_model": str(m.path), "rank": m.lora_rank, "alpha": m.lora_alpha,
+        meta = {"base_model": str(m.path), "rank": m.lora_rank, "alpha": m.lora_alpha, "targets": list(targets),
                 "exported_from": f"{ckpt} ({which}weights)"}
     else:
         if m.lora_rank > 0:
@@ -66,5 +66,7 @@ def export_diffusers_run(run: Path, out: Path, *, lora: str, ema: bool = True, o
             transformer = merged
         transformer.save_pretrained(out / "transformer", safe_serialization=True)
         meta = {"base_model": str(m.path), "exported_from": f"{ckpt} ({which}weights)"}
+    # what `mixgrpo sample/eval` need to sample the export as the run did
+    meta.update(image_size=m.image_size, flux_guidance=m.flux_guidance, shift=m.shift)
     (out / "mixgrpo_export.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out

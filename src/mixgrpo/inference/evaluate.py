@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from ..rewards import get_reward, score
-from ..text import cached_embeddings
 from .generate import EVAL_CHUNK, generate_prompts
 from .policy import Policy
 
@@ -105,7 +104,7 @@ def evaluate_policy(
     blend: float = 0.0,
     seeds: int = 1,
     steps: int = 25,
-    shift: float = 3.0,
+    shift: float | None = None,
     solver: str = "euler",
     guidance: float = 1.0,
     on_images: Callable[[int], None] | None = None,
@@ -123,7 +122,8 @@ def evaluate_policy(
         check = getattr(reward, "check_prompts", None)
         if callable(check):
             check(list(prompts))
-    embeddings = cached_embeddings(list(dict.fromkeys(prompts)))
+    conditions = policy.conditions(prompts)  # every prompt's embedding found (or made) before any sampling
+    shift = policy.shift if shift is None else shift
     totals = {name: torch.zeros(len(prompts)) for name in rewards}
     for k in range(seeds):
         for start in range(0, len(prompts), EVAL_CHUNK):
@@ -134,9 +134,9 @@ def evaluate_policy(
                 if on_images is not None:
                     on_images(len(chunk))
             else:
-                images = generate_prompts(policy, embeddings, chunk, seed=k * 1_000_003 + start, steps=steps,
+                images = generate_prompts(policy, conditions, chunk, seed=k * 1_000_003 + start, steps=steps,
                                           shift=shift, solver=solver, guidance=guidance, blend=blend, base=policy.base,
-                                          on_chunk=on_images)
+                                          decode=policy.decode, device=policy.device, on_chunk=on_images)
                 part = {name: score(reward, images, chunk) for name, reward in scorers.items()}
                 if on_part is not None:
                     on_part(key, {"scores": {n: v.tolist() for n, v in part.items()},
@@ -148,6 +148,7 @@ def evaluate_policy(
         "checkpoint": policy.name,
         "weights": policy.source,
         "blend": blend,
+        "nfe": steps * (2 if guidance != 1.0 and policy.kind != "flux" else 1),  # model passes per image (CFG: 2)
         "n": len(prompts),
         "seeds": seeds,
         "rewards": {name: summarise_scores(s) for name, s in per_prompt.items()},
@@ -158,10 +159,11 @@ def evaluate_policy(
 
 
 def markdown_table(results: Sequence[dict[str, Any]]) -> str:
-    """One row per evaluated (checkpoint, blend): ``mean ± ci95`` of each reward."""
+    """One row per evaluated (checkpoint, blend), laid out like MixGRPO's Table 1: the model
+    passes per image (NFE), then ``mean ± ci95`` of each reward."""
     names = list(results[0]["rewards"])
-    lines = ["| checkpoint | blend | n | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    lines = ["| checkpoint | blend | NFE | n | " + " | ".join(names) + " |", "|---|---|---|---|" + "---|" * len(names)]
     for r in results:
         cells = [f"{r['rewards'][n]['mean']:.3f} ± {r['rewards'][n]['ci95']:.3f}" for n in names]
-        lines.append(f"| {r['checkpoint']} | {r['blend']:g} | {r['n']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['checkpoint']} | {r['blend']:g} | {r.get('nfe', '')} | {r['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,6 +45,7 @@ from ..models.lora import (
     save_peft_adapter,
 )
 from ..models.tiny_dit import TextCondition
+from ..text import PromptEmbeddings, cached_embeddings
 from .runs import latest_run_weights, load_named, load_safetensors, pick_weights
 
 __all__ = ["Policy", "export_run", "load_policy"]
@@ -63,16 +65,29 @@ class _AdapterOff:
 
 @dataclass
 class Policy:
-    """A model ready for inference, with the base model to blend with."""
+    """A model ready for inference, with the base model to blend with, how its final samples
+    become images, its grid's time shift and how prompts become its conditions."""
 
     name: str
-    model: EmbeddedModel
-    base: EmbeddedModel | _AdapterOff
+    model: EmbeddedModel | Any  # anything with velocity(x, t, cond, guidance) and .config
+    base: EmbeddedModel | Any
     source: str  # where the weights came from, for reports
+    kind: str = "embedded"  # embedded | flux | sd3
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: the embedded model's pixel space
+    shift: float = 3.0  # time shift of the sampling grid (flux/sd3: their scheduler's)
+    device: str = "cpu"  # where the model samples (noise is drawn on the CPU, then moved)
+    # prompts -> (prompts -> condition); None: the embedded model's MiniLM embeddings (cached)
+    prompt_conditions: Callable[[Sequence[str]], Callable[[Sequence[str]], Any]] | None = None
 
     @property
     def config(self):
         return self.model.config
+
+    def conditions(self, prompts: Sequence[str]) -> PromptEmbeddings | Callable[[Sequence[str]], Any]:
+        """What :func:`~mixgrpo.inference.generate.generate_prompts` needs to condition on ``prompts``."""
+        if self.prompt_conditions is None:
+            return cached_embeddings(list(dict.fromkeys(prompts)))
+        return self.prompt_conditions(prompts)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition, guidance: float = 1.0) -> torch.Tensor:
         return self.model.velocity(x, t, cond, guidance)
@@ -86,9 +101,6 @@ def _load_run(folder: Path, name: str, ema: bool, on_note: Callable[[str], None]
     from .runs import read_run_model  # the model section as YAML: inference does not import train
 
     m = read_run_model(folder)
-    if m.kind != "embedded":
-        raise ValueError(f"{folder} is a model.kind={m.kind} run; sample/eval read embedded-model runs only "
-                         "so far: `mixgrpo export` it and load the result with diffusers")
     ckpt, state = latest_run_weights(folder, on_note)
     base = load_embedded(_resolve_base(m.checkpoint))
     model = copy.deepcopy(base)
@@ -118,13 +130,25 @@ def _load_adapter(folder: Path, name: str) -> Policy:
     return Policy(name, model.eval(), _AdapterOff(model), str(folder))
 
 
-def load_policy(spec: str | Path, *, ema: bool = True, on_note: Callable[[str], None] | None = None) -> Policy:
-    """Load ``base``, a model folder, a peft adapter folder or a run folder (see module doc)."""
+def load_policy(spec: str | Path, *, ema: bool = True, on_note: Callable[[str], None] | None = None,
+                **diffusers_options: Any) -> Policy:
+    """Load ``base``, a model folder, a peft adapter folder or a run folder (see module doc);
+    FLUX/SD3 runs, exports and pipeline folders go to
+    :func:`~mixgrpo.inference.diffusers_policy.load_diffusers_policy`, which takes
+    ``diffusers_options`` (embeddings, image_size, flux_guidance, device, offload, cache_dir)."""
     name = str(spec)
+    folder = Path(spec)
+    if name != "base" and _is_diffusers(folder):
+        from .diffusers_policy import load_diffusers_policy
+
+        return load_diffusers_policy(folder, name, ema=ema, on_note=on_note, **diffusers_options)
+    given = sorted(k for k, v in diffusers_options.items() if v not in (None, False, "cpu"))
+    if given:
+        raise ValueError(f"{name} is an embedded-model checkpoint; --{given[0].replace('_', '-')} applies to "
+                         "FLUX/SD3 runs, exports and pipeline folders only")
     if name == "base":
         model = load_embedded(BASE_CHECKPOINT)
         return Policy("base", model, model, str(BASE_CHECKPOINT))
-    folder = Path(spec)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint {folder} does not exist; pass 'base', a model folder or a run folder")
     if (folder / "config.yaml").is_file():
@@ -137,8 +161,18 @@ def load_policy(spec: str | Path, *, ema: bool = True, on_note: Callable[[str], 
         base = load_embedded(_resolve_base(base_spec)) if base_spec else model
         return Policy(name, model, base, str(folder / WEIGHTS))
     raise FileNotFoundError(
-        f"{folder} holds no weights: expected config.json + {WEIGHTS}, {ADAPTER_CONFIG}, or a run's config.yaml"
+        f"{folder} holds no weights: expected config.json + {WEIGHTS}, {ADAPTER_CONFIG}, a run's config.yaml, "
+        "a `mixgrpo export` folder or a diffusers pipeline folder (model_index.json)"
     )
+
+
+def _is_diffusers(folder: Path) -> bool:
+    """A FLUX/SD3 run, a FLUX/SD3 export, or a diffusers pipeline folder."""
+    if (folder / "config.yaml").is_file():
+        from .runs import read_run_model
+
+        return read_run_model(folder).kind != "embedded"
+    return (folder / "mixgrpo_export.json").is_file() or (folder / "model_index.json").is_file()
 
 
 def export_run(run: str | Path, out: str | Path, *, lora: str = "merged", ema: bool = True,

@@ -38,6 +38,11 @@ class RunModel:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=list)
+    image_size: int = 512  # flux/sd3: pixels per side
+    flux_guidance: float = 3.5  # FLUX.1's distilled guidance
+    embeddings: str | None = None  # flux/sd3: the training prompts' `mixgrpo preprocess` folder
+    eval_embeddings: str | None = None  # flux/sd3: the held-out prompts' (None: `embeddings`)
+    shift: float | str = 3.0  # the run's sampler.shift (a number, or "scheduler")
 
 
 def read_run_model(folder: str | Path) -> RunModel:
@@ -56,10 +61,15 @@ def read_run_model(folder: str | Path) -> RunModel:
     kind = {"tiny-dit": "embedded"}.get(model.get("kind", "embedded"), model.get("kind", "embedded"))
     if kind not in _KINDS:
         raise ValueError(f"{path}: model.kind must be one of {', '.join(_KINDS)}, got {kind!r}")
+    sampler = data.get("sampler") if isinstance(data.get("sampler"), dict) else {}
+    shift = sampler.get("shift", 3.0)
     try:
         return RunModel(kind=kind, checkpoint=model.get("checkpoint"), path=model.get("path"),
                         lora_rank=int(model.get("lora_rank", 0)), lora_alpha=float(model.get("lora_alpha", 16.0)),
-                        lora_targets=list(model.get("lora_targets") or []))
+                        lora_targets=list(model.get("lora_targets") or []), image_size=int(model.get("image_size", 512)),
+                        flux_guidance=float(model.get("flux_guidance", 3.5)), embeddings=model.get("embeddings"),
+                        eval_embeddings=model.get("eval_embeddings"),
+                        shift=shift if shift == "scheduler" else float(shift))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: bad model section ({err})") from None
 

@@ -1,0 +1,185 @@
+"""FLUX / SD3 policies for ``sample`` and ``eval``: a run, an export or a pipeline folder.
+
+* a ``mixgrpo train`` run with ``model.kind=flux|sd3``: its newest intact checkpoint. LoRA:
+  the adapter on the pipeline's transformer, and the base for ``--blend`` is the same network
+  with the adapter switched off (no second copy). Full fine-tune: the trained transformer, and
+  the base loaded once beside it (``offload``: each kept on the CPU while the other samples);
+* a ``mixgrpo export`` folder (``mixgrpo_export.json``): a ``transformer/`` folder (full or
+  merged LoRA) or diffusers' ``pytorch_lora_weights.safetensors``, over the base it names;
+* a diffusers pipeline folder (``model_index.json``): the base model itself.
+
+Prompts become conditions from `mixgrpo preprocess` folders: the one passed as
+``embeddings``, else the run's evaluation or training embeddings when they hold every
+prompt, else the pipeline's own text encoders encode them once into ``cache_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.lora import adapters_disabled, add_lora
+from ..text.encoder import default_cache_dir
+from .diffusers_models import (
+    DiffusersModel,
+    EmbeddingConditions,
+    encode_or_load_embeddings,
+    load_diffusers_model,
+    load_transformer_of,
+    pipeline_kind,
+    scheduler_shift,
+    to_device,
+)
+from .policy import Policy
+from .runs import latest_run_weights, load_named, load_safetensors, pick_weights, read_run_model
+
+__all__ = ["EXPORT_META", "load_diffusers_policy"]
+
+EXPORT_META = "mixgrpo_export.json"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+class _AdapterOff(nn.Module):
+    """The base of a LoRA policy: the same network with its adapter switched off."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def velocity(self, x, t, cond, guidance: float = 1.0):
+        with adapters_disabled(self.model):
+            return self.model.velocity(x, t, cond, guidance)
+
+
+class _Offloaded(nn.Module):
+    """One of two models that take turns on ``device``: calling it moves it there and the
+    other to the CPU, so a full fine-tune and its base never share accelerator memory."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        super().__init__()
+        self.model, self.config, self.device, self.other = model, model.config, device, None
+
+    def velocity(self, x, t, cond, guidance: float = 1.0):
+        if self.other is not None:
+            self.other.model.to("cpu")
+        self.model.to(self.device)
+        return self.model.velocity(x, t, cond, guidance)
+
+
+def _lora_state(path: Path) -> dict[str, torch.Tensor]:
+    """diffusers' LoRA keys (``transformer.<module>.lora_A.weight``) as our in-place peft names."""
+    state = load_safetensors(path)
+    return {k.removeprefix("transformer.").replace(".lora_A.weight", ".lora_A.default.weight")
+            .replace(".lora_B.weight", ".lora_B.default.weight"): v for k, v in state.items()}
+
+
+def _apply_lora(parts: DiffusersModel, rank: int, alpha: float, targets: list[str] | None,
+                state: dict[str, torch.Tensor], source: Path) -> None:
+    add_lora(parts.transformer, rank, alpha, targets or parts.lora_targets)
+    names = [n for n, _ in parts.transformer.named_parameters() if "lora_" in n]
+    load_named(parts.transformer, names, state, source)
+
+
+def load_diffusers_policy(folder: Path, name: str, *, embeddings: str | Path | None = None,
+                          image_size: int | None = None, flux_guidance: float | None = None,
+                          device: str | torch.device = "cpu", ema: bool = True, offload: bool = False,
+                          cache_dir: Path | None = None, on_note: Callable[[str], None] | None = None) -> Policy:
+    """A FLUX/SD3 policy from ``folder`` (see the module doc); ``None`` options take the
+    run's (or export's) own values."""
+    device = torch.device(device)
+    folder = Path(folder)
+    known: list[str] = []  # preprocess folders the run itself used
+    if (folder / "config.yaml").is_file():
+        m = read_run_model(folder)
+        pipeline, size = Path(m.path or ""), image_size or m.image_size
+        parts = load_diffusers_model(m.kind, pipeline, image_size=size, device=device,
+                                     flux_guidance=flux_guidance if flux_guidance is not None else m.flux_guidance)
+        ckpt, state = latest_run_weights(folder, on_note)
+        weights, which = pick_weights(state, ema)
+        weights = {k.removeprefix("transformer."): v for k, v in weights.items()}  # the trainer's wrapper prefix
+        source = f"{ckpt} ({which}weights)"
+        known = [p for p in (m.eval_embeddings, m.embeddings) if p]
+        shift = m.shift
+        if m.lora_rank > 0:
+            _apply_lora(parts, m.lora_rank, m.lora_alpha, m.lora_targets, weights, ckpt)
+            model, base = parts.model, _AdapterOff(parts.model)
+        else:
+            trained = load_transformer_of(m.kind, pipeline)
+            load_named(trained, [n for n, _ in trained.named_parameters()], weights, ckpt)
+            model, base = parts.velocity_model(trained), parts.model
+    elif (folder / EXPORT_META).is_file():
+        meta = json.loads((folder / EXPORT_META).read_text())
+        pipeline = Path(meta["base_model"])
+        kind = pipeline_kind(pipeline)
+        size = image_size or meta.get("image_size")
+        if size is None:
+            raise ValueError(f"{folder / EXPORT_META} does not record the image size; pass --image-size")
+        guidance = flux_guidance if flux_guidance is not None else meta.get("flux_guidance", 3.5)
+        parts = load_diffusers_model(kind, pipeline, image_size=size, device=device, flux_guidance=guidance)
+        shift, source = meta.get("shift", "scheduler"), str(folder)
+        if (folder / LORA_FILE).is_file():
+            _apply_lora(parts, int(meta["rank"]), float(meta["alpha"]), meta.get("targets"),
+                        _lora_state(folder / LORA_FILE), folder / LORA_FILE)
+            model, base = parts.model, _AdapterOff(parts.model)
+        else:
+            model, base = parts.velocity_model(load_transformer_of(kind, folder / "transformer")), parts.model
+    else:  # a pipeline folder: the base model
+        kind = pipeline_kind(folder)
+        if image_size is None:
+            raise ValueError(f"sampling the pipeline in {folder} needs --image-size (pixels per side)")
+        parts = load_diffusers_model(kind, folder, image_size=image_size, device=device,
+                                     flux_guidance=3.5 if flux_guidance is None else flux_guidance)
+        model = base = parts.model
+        shift, source = "scheduler", str(folder)
+    if shift == "scheduler":
+        shift = scheduler_shift(parts.folder, parts.latent_size)
+    if base is not model and not isinstance(base, _AdapterOff) and offload:
+        model, base = _Offloaded(model, device), _Offloaded(base, device)
+        model.other, base.other = base, model
+        base.model.to("cpu")
+    else:
+        model.to(device)
+        if base is not model and not isinstance(base, _AdapterOff):
+            base.to(device)
+    model.eval()
+    base.eval()
+    conditions = _Conditions(parts, embeddings, known, cache_dir, device)
+    return Policy(name, model, base, source, kind=parts.kind, decode=parts.decode, shift=float(shift),
+                  device=str(device), prompt_conditions=conditions)
+
+
+class _Conditions:
+    """``prompts -> (prompts -> condition)``: see the module doc for where embeddings come from."""
+
+    def __init__(self, parts: DiffusersModel, given: str | Path | None, known: list[str], cache_dir: Path | None,
+                 device: torch.device):
+        self.parts, self.given, self.known, self.device = parts, given, known, device
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._loaded: dict[str, EmbeddingConditions] = {}
+
+    def _load(self, folder: str | Path) -> EmbeddingConditions:
+        key = str(folder)
+        if key not in self._loaded:
+            self._loaded[key] = self.parts.conditions(folder)
+        return self._loaded[key]
+
+    def __call__(self, prompts: Sequence[str]) -> Callable[[Sequence[str]], Any]:
+        if self.given is not None:
+            chosen = self._load(self.given)
+            missing = chosen.missing(prompts)
+            if missing:
+                raise ValueError(f"prompt {missing[0]!r} has no embedding in {self.given}; preprocess the prompt file "
+                                 "with `mixgrpo preprocess`, or leave out --embeddings to encode them now")
+        else:
+            chosen = next((c for c in map(self._load, self.known) if not c.missing(prompts)), None)
+            if chosen is None:  # the pipeline's text encoders, once per prompt set, at the run's text length
+                cache = self.cache_dir or default_cache_dir() / "diffusers"
+                length = next((json.loads((Path(k) / "index.json").read_text()).get("max_sequence_length")
+                               for k in self.known), None)
+                chosen = self._load(encode_or_load_embeddings(self.parts.folder, prompts, cache, length))
+        return lambda chunk: to_device(chosen(chunk), self.device)
