@@ -123,17 +123,23 @@ def test_two_ranks_compute_the_single_process_gradient(config_file, tmp_path):
         assert worst <= 1e-6 * largest, f"{mode}: max |grad diff| {worst:.3g} vs largest entry {largest:.3g}"
 
 
-@pytest.mark.parametrize("preset", ["nft", pytest.param("awm", marks=pytest.mark.slow),
-                                    pytest.param("branch-grpo", marks=pytest.mark.slow)])
-def test_newer_methods_two_ranks_compute_the_single_process_gradient(tmp_path, preset):
+GRADIENT_WEIGHTING = ("rewards={flatness: 1.0, composition: 1.0}", "weighting.name=gradient")
+
+
+@pytest.mark.parametrize(("preset", "extra"), [
+    ("nft", ()), pytest.param("awm", (), marks=pytest.mark.slow), pytest.param("branch-grpo", (), marks=pytest.mark.slow),
+    ("mixgrpo", GRADIENT_WEIGHTING),  # one gradient per reward, combined by min-norm weights every rank agrees on
+])
+def test_newer_methods_two_ranks_compute_the_single_process_gradient(tmp_path, preset, extra):
     """DiffusionNFT, AWM and BranchGRPO under DDP: the same first gradient as one process
     (re-noising draws by each sample's row in the whole batch; a tree by its group's
-    stream; tree edges weigh 1 / all ranks' edges). FSDP keeps no old policy yet, so DDP only."""
+    stream; tree edges weigh 1 / all ranks' edges). FSDP keeps no old policy yet, so DDP only.
+    The same for the gradient (MGDA) reward weighting."""
     from dist_grad_probe import first_step_gradients
     from mixgrpo.train.distributed import Dist
 
     cfg = tiny_config(make_tiny_checkpoint(tmp_path / "tiny"), preset, "sampler.noise_per_group=true",
-                      "rewards={flatness: 1.0}", "optim.grad_clip=1e6")
+                      "rewards={flatness: 1.0}", "optim.grad_clip=1e6", *extra)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(cfg)))
     one = first_step_gradients(cfg, Dist())

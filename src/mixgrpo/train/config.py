@@ -17,7 +17,14 @@ from typing import Any
 import yaml
 
 from ..core.windows import WindowSchedule
-from .config_sections import LossConfig, ModelConfig, OptimConfig, SamplerConfig, ScheduleConfig
+from .config_sections import (
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    SamplerConfig,
+    ScheduleConfig,
+    WeightingConfig,
+)
 
 __all__ = [
     "LossConfig",
@@ -26,6 +33,7 @@ __all__ = [
     "SamplerConfig",
     "ScheduleConfig",
     "TrainConfig",
+    "WeightingConfig",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
@@ -54,6 +62,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)  # several rewards: static or dynamic weights
 
     @property
     def reward_weights(self) -> dict[str, float]:
@@ -67,8 +76,9 @@ class TrainConfig:
                 for n, s in self.rewards.items()}
 
     def validate(self) -> TrainConfig:
-        for section in (self.sampler, self.schedule, self.loss, self.optim, self.model):
+        for section in (self.sampler, self.schedule, self.loss, self.optim, self.model, self.weighting):
             section.validate()
+        self._validate_weighting()
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
         if self.rewards_in_background and self.sampler.groups_per_call is None:
@@ -133,6 +143,28 @@ class TrainConfig:
         except ValueError as err:
             raise ValueError(f"schedule.* does not fit sampler.num_steps={self.sampler.num_steps}: {err}") from None
         return self
+
+    def _validate_weighting(self) -> None:
+        w, names = self.weighting, sorted(self.rewards)
+        if w.name == "static":
+            return
+        if len(names) < 2:
+            raise ValueError(f"weighting.name={w.name} weighs several rewards; this config has one ({names[0]}): "
+                             "add a reward, or use weighting.name=static")
+        if w.name == "gradient":
+            if self.optim.inner_epochs != 1 or self.loss.ovf_keep is not None or self.sampler.tree_splits:
+                raise ValueError("weighting.name=gradient combines one gradient per reward per iteration: it needs "
+                                 "optim.inner_epochs=1, no loss.ovf_keep and no sampler.tree_splits")
+            if self.parallel == "fsdp":
+                raise ValueError("weighting.name=gradient keeps one full gradient per reward, which FSDP shards: "
+                                 "use parallel=ddp")
+        if w.name == "constraint":
+            if w.primary not in self.rewards:
+                raise ValueError(f"weighting.primary must name the reward to maximise, one of {names}; got {w.primary!r}")
+            bad = [n for n in w.floors if n not in self.rewards or n == w.primary]
+            if bad or not w.floors:
+                raise ValueError(f"weighting.floors must map the other rewards ({[n for n in names if n != w.primary]}) "
+                                 f"to floors, e.g. {{flatness: 0.95}}; got {w.floors}")
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -13,9 +13,10 @@ from ..core.grpo import MULTI_REWARD_MODES, STD_MODES
 from ..core.objective import KL_FORMS, STEP_WEIGHTS
 from ..core.sampler import ODE_SOLVERS
 from ..core.steps import LOG_PROB_FORMS, LOG_PROB_REDUCTIONS, SDE_KINDS
+from ..core.weighting import WEIGHTINGS
 from ..core.windows import WINDOW_SCHEDULES
 
-__all__ = ["LossConfig", "ModelConfig", "OptimConfig", "SamplerConfig", "ScheduleConfig"]
+__all__ = ["LossConfig", "ModelConfig", "OptimConfig", "SamplerConfig", "ScheduleConfig", "WeightingConfig"]
 
 
 @dataclass
@@ -237,3 +238,28 @@ class ModelConfig:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"model.device={self.device} but this torch build sees no CUDA GPU; "
                              "set model.device=cpu or install a CUDA build of torch")
+
+
+@dataclass
+class WeightingConfig:
+    """How several rewards are weighted over training (:mod:`mixgrpo.core.weighting`)."""
+
+    name: str = "static"  # static (the rewards' weights) | progress | gradient (MGDA) | constraint
+    temperature: float = 1.0  # progress: tau of exp(-progress / tau); large = static
+    fast: float = 0.5  # progress: decay of the fast EMA of each reward's batch mean
+    slow: float = 0.9  # progress: decay of the slow EMA (and of the running variance)
+    warmup: int = 5  # progress: iterations on the static weights while the statistics settle
+    ema: float = 0.3  # gradient: weight of each iteration's min-norm coefficients in their EMA
+    primary: str | None = None  # constraint: the reward to maximise
+    floors: dict[str, float] = field(default_factory=dict)  # constraint: reward -> floor it must stay above
+    relative: bool = True  # constraint: floors are fractions of each reward's first batch mean (the start policy's)
+    dual_lr: float = 0.5  # constraint: eta of the multipliers' dual ascent (per unit of relative shortfall)
+
+    def validate(self) -> None:
+        if self.name not in WEIGHTINGS:
+            raise ValueError(f"weighting.name {self.name!r} is not one of {WEIGHTINGS}")
+        if not self.temperature > 0 or not 0 <= self.fast < 1 or not 0 <= self.slow < 1 or self.warmup < 1:
+            raise ValueError("weighting.temperature must be > 0, weighting.fast and weighting.slow in [0, 1), "
+                             "weighting.warmup >= 1")
+        if not 0 < self.ema <= 1 or not self.dual_lr > 0:
+            raise ValueError("weighting.ema must be in (0, 1] and weighting.dual_lr > 0")

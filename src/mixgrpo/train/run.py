@@ -6,6 +6,7 @@
                            its `iteration` counts completed iterations (0 = before training)
     DIR/samples/           image grids of the evaluation prompts
     DIR/reward_curve.png   train and held-out reward against iteration
+    DIR/weights_curve.png  with several rewards: each one's weight against iteration
     DIR/checkpoints/       atomic checkpoints + latest.json
     DIR/tb/                TensorBoard events
     DIR/summary.json       the headline figures
@@ -306,6 +307,11 @@ def _summarise(out: Path, cfg: TrainConfig, trainer: GRPOTrainer, wall: float) -
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     save_curve(out / "reward_curve.png", [m["iteration"] for m in metrics],
                {"train reward": [m["reward_mean"] for m in metrics]}, "iteration", "reward")
+    weight_keys = [k for k in metrics[-1] if k.startswith("weight_")]
+    if weight_keys:  # several rewards: the weight each had at every iteration
+        save_curve(out / "weights_curve.png", [m["iteration"] for m in metrics],
+                   {k.removeprefix("weight_"): [m.get(k, float("nan")) for m in metrics] for k in weight_keys},
+                   "iteration", "reward weights")
     if len(evals) > 1:
         save_curve(out / "eval_curve.png", [e["iteration"] for e in evals],
                    {"held-out reward": [e["reward_mean"] for e in evals]}, "iteration", "held-out reward")

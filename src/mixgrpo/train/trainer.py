@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..core.grids import uniform_grid
-from ..core.grpo import Advantages, multi_reward_advantages
+from ..core.grpo import Advantages, group_advantages, multi_reward_advantages
 from ..core.objective import LossSpec
 from ..core.ovf import max_variance_subset
 from ..core.sampler import SamplingPlan, concat_rollouts, initial_noise, sample
@@ -43,6 +43,7 @@ from .forward_update import OldPolicy, forward_update
 from .fsdp import shard_model
 from .grpo_update import grpo_update
 from .plans import make_schedule, sampling_plan
+from .weighting import gradient_weighted_update, make_weighting
 
 __all__ = ["GRPOTrainer", "NonFiniteError", "RolloutBatch"]
 
@@ -114,6 +115,7 @@ class GRPOTrainer:
             self.old = OldPolicy(self.params, lc.old_flat, lc.old_rate, lc.old_max)
         self.train_prompts, self.eval_prompts = self.backend.train_prompts, self.backend.eval_prompts
         self.rewards = {name: get_reward(name, **options) for name, options in cfg.reward_options.items()}
+        self.weighting = make_weighting(sorted(cfg.rewards), cfg.reward_weights, cfg.weighting)
         s = cfg.sampler
         self.noise = SDENoise(s.sde_kind, s.noise_level)
         lc = cfg.loss
@@ -261,9 +263,9 @@ class GRPOTrainer:
         loss, g = self.cfg.loss, group_size or self.cfg.group_size
         options = dict(mode=loss.multi_reward_mode, std_mode=loss.std_mode, eps=loss.adv_eps, clip=loss.adv_clip,
                        trimmed_ratio=loss.trimmed_ratio, unbiased=loss.std_unbiased)
+        weights = self.weighting.weights()  # the config's, or this iteration's dynamic ones
         if loss.ovf_keep is None:
-            return multi_reward_advantages(rewards, self.cfg.reward_weights, g, **options)
-        weights = self.cfg.reward_weights
+            return multi_reward_advantages(rewards, weights, g, **options)
         total = sum(weights[n] * r for n, r in rewards.items()).view(-1, g)
         chosen = torch.cat([i * g + max_variance_subset(row, loss.ovf_keep) for i, row in enumerate(total)])
         sub = multi_reward_advantages({n: r[chosen] for n, r in rewards.items()}, weights, loss.ovf_keep, **options)
@@ -293,8 +295,23 @@ class GRPOTrainer:
         """One update on the batch: the GRPO loss on the stored SDE transitions
         (:func:`~mixgrpo.train.grpo_update.grpo_update`) or a forward-process objective on
         the clean samples (:func:`~mixgrpo.train.forward_update.forward_update`)."""
-        update = forward_update if self.cfg.loss.objective != "grpo" else grpo_update
-        return update(self, batch, adv)
+        return self.update_rule(self, batch, adv)
+
+    @property
+    def update_rule(self):
+        return forward_update if self.cfg.loss.objective != "grpo" else grpo_update
+
+    def per_reward_advantages(self, rewards: dict[str, torch.Tensor], g: int, signal: torch.Tensor) -> list[Advantages]:
+        """Each reward's own group advantages (``weighting.name=gradient``), in the weighting's order;
+        ``signal`` replaces ``valid`` for forward-process objectives (they train every finite sample)."""
+        lc = self.cfg.loss
+        out = []
+        for name in self.weighting.names:
+            a = group_advantages(rewards[name], g, std_mode=lc.std_mode, eps=lc.adv_eps, clip=lc.adv_clip,
+                                 trimmed_ratio=lc.trimmed_ratio, unbiased=lc.std_unbiased)
+            out.append(Advantages(a.advantages, signal if lc.objective != "grpo" else a.valid,
+                                  a.num_zero_variance_groups))
+        return out
 
     def step(self, iteration: int) -> dict[str, Any]:
         """One GRPO iteration; returns the metrics row."""
@@ -322,8 +339,16 @@ class GRPOTrainer:
             # the references train every finite sample: a constant group's at A = 0, every tree edge
             adv = Advantages(adv.advantages, ~dropped, adv.num_zero_variance_groups)
         mine = slice(self.dist.rank * n_local, (self.dist.rank + 1) * n_local)
-        stats = self.update(batch, Advantages(adv.advantages[mine], adv.valid[mine], adv.num_zero_variance_groups,
-                                              per_step[mine] if per_step is not None else None))
+        if self.weighting.needs_gradients:  # one gradient per reward, combined by their min-norm point
+            local = [Advantages(a.advantages[mine], a.valid[mine], a.num_zero_variance_groups)
+                     for a in self.per_reward_advantages(rewards, g, ~dropped)]
+            stats = gradient_weighted_update(self, batch, local, self.update_rule)
+        else:
+            stats = self.update(batch, Advantages(adv.advantages[mine], adv.valid[mine], adv.num_zero_variance_groups,
+                                                  per_step[mine] if per_step is not None else None))
+        used = self.weighting.weights()  # the weights this iteration trained with
+        if (~dropped).any():  # the next iterations' weights see this batch
+            self.weighting.observe({n: r[~dropped].mean().item() for n, r in rewards.items()})
         # partial NaN/Inf only costs its groups; an iteration that taught nothing because of
         # them counts towards optim.max_nonfinite
         if stats["skipped_update"] or (bad.any() and dropped.all()):
@@ -342,6 +367,7 @@ class GRPOTrainer:
             "reward_mean": total[ok].mean().item() if ok.any() else float("nan"),
             "reward_std": total[ok].std().item() if ok.sum() > 1 else float("nan"),
             **{f"reward_{n}": r[ok].mean().item() if ok.any() else float("nan") for n, r in rewards.items()},
+            **({f"weight_{n}": w for n, w in used.items()} if len(used) > 1 else {}),
             **stats,
             "nonfinite_samples": int(bad.sum()),
             "window_start": self._first_loss_step(batch),
@@ -398,6 +424,7 @@ class GRPOTrainer:
         if self.old is not None:
             state.update({f"old.{n}": whole(e) for n, e in zip(self.param_names, self.old.tensors, strict=True)})
         state["state.optimizer_steps"] = torch.tensor(self.optimizer_steps, dtype=torch.int64)
+        state.update(self.weighting.state_dict())
         return state
 
     def ema_by_name(self) -> dict[str, torch.Tensor] | None:
@@ -413,6 +440,8 @@ class GRPOTrainer:
                     self.old.tensors[i].copy_(state[f"old.{name}"])
         # checkpoints written before the count was kept hold no old policy either: it only feeds its decay
         self.optimizer_steps = int(state["state.optimizer_steps"]) if "state.optimizer_steps" in state else 0
+        if self.cfg.weighting.name != "static" or any(k.startswith("state.weighting.") for k in state):
+            self.weighting.load_state_dict(state)
 
     def write_metrics(self, path: Path, row: dict[str, Any]) -> None:
         with path.open("a") as f:
