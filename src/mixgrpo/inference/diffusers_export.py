@@ -68,5 +68,7 @@ def export_diffusers_run(run: Path, out: Path, *, lora: str, ema: bool = True, o
         meta = {"base_model": str(m.path), "exported_from": f"{ckpt} ({which}weights)"}
     # what `mixgrpo sample/eval` need to sample the export as the run did
     meta.update(image_size=m.image_size, flux_guidance=m.flux_guidance, shift=m.shift)
+    if m.embeddings and (Path(m.embeddings) / "index.json").is_file():  # the text length its prompts were encoded at
+        meta["max_sequence_length"] = json.loads((Path(m.embeddings) / "index.json").read_text()).get("max_sequence_length")
     (out / "mixgrpo_export.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out

@@ -62,11 +62,12 @@ class _Offloaded(nn.Module):
 
     def __init__(self, model: nn.Module, device: torch.device):
         super().__init__()
-        self.model, self.config, self.device, self.other = model, model.config, device, None
+        self.model, self.config, self.device = model, model.config, device
+        self.others: tuple[nn.Module, ...] = ()  # a tuple, not a submodule: the pair would be a module cycle
 
     def velocity(self, x, t, cond, guidance: float = 1.0):
-        if self.other is not None:
-            self.other.model.to("cpu")
+        for other in self.others:
+            other.to("cpu")
         self.model.to(self.device)
         return self.model.velocity(x, t, cond, guidance)
 
@@ -94,6 +95,7 @@ def load_diffusers_policy(folder: Path, name: str, *, embeddings: str | Path | N
     device = torch.device(device)
     folder = Path(folder)
     known: list[str] = []  # preprocess folders the run itself used
+    length = None  # the text length prompts are encoded at when no folder holds them (None: the run's, else 512/256)
     if (folder / "config.yaml").is_file():
         m = read_run_model(folder)
         pipeline, size = Path(m.path or ""), image_size or m.image_size
@@ -122,6 +124,7 @@ def load_diffusers_policy(folder: Path, name: str, *, embeddings: str | Path | N
         guidance = flux_guidance if flux_guidance is not None else meta.get("flux_guidance", 3.5)
         parts = load_diffusers_model(kind, pipeline, image_size=size, device=device, flux_guidance=guidance)
         shift, source = meta.get("shift", "scheduler"), str(folder)
+        length = meta.get("max_sequence_length")
         if (folder / LORA_FILE).is_file():
             _apply_lora(parts, int(meta["rank"]), float(meta["alpha"]), meta.get("targets"),
                         _lora_state(folder / LORA_FILE), folder / LORA_FILE)
@@ -140,7 +143,7 @@ def load_diffusers_policy(folder: Path, name: str, *, embeddings: str | Path | N
         shift = scheduler_shift(parts.folder, parts.latent_size)
     if base is not model and not isinstance(base, _AdapterOff) and offload:
         model, base = _Offloaded(model, device), _Offloaded(base, device)
-        model.other, base.other = base, model
+        model.others, base.others = (base.model,), (model.model,)
         base.model.to("cpu")
     else:
         model.to(device)
@@ -148,7 +151,7 @@ def load_diffusers_policy(folder: Path, name: str, *, embeddings: str | Path | N
             base.to(device)
     model.eval()
     base.eval()
-    conditions = _Conditions(parts, embeddings, known, cache_dir, device)
+    conditions = _Conditions(parts, embeddings, known, cache_dir, device, length)
     return Policy(name, model, base, source, kind=parts.kind, decode=parts.decode, shift=float(shift),
                   device=str(device), prompt_conditions=conditions)
 
@@ -157,8 +160,8 @@ class _Conditions:
     """``prompts -> (prompts -> condition)``: see the module doc for where embeddings come from."""
 
     def __init__(self, parts: DiffusersModel, given: str | Path | None, known: list[str], cache_dir: Path | None,
-                 device: torch.device):
-        self.parts, self.given, self.known, self.device = parts, given, known, device
+                 device: torch.device, length: int | None = None):
+        self.parts, self.given, self.known, self.device, self.length = parts, given, known, device, length
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._loaded: dict[str, EmbeddingConditions] = {}
 
@@ -179,7 +182,7 @@ class _Conditions:
             chosen = next((c for c in map(self._load, self.known) if not c.missing(prompts)), None)
             if chosen is None:  # the pipeline's text encoders, once per prompt set, at the run's text length
                 cache = self.cache_dir or default_cache_dir() / "diffusers"
-                length = next((json.loads((Path(k) / "index.json").read_text()).get("max_sequence_length")
-                               for k in self.known), None)
+                length = self.length or next((json.loads((Path(k) / "index.json").read_text()).get("max_sequence_length")
+                                              for k in self.known), None)
                 chosen = self._load(encode_or_load_embeddings(self.parts.folder, prompts, cache, length))
         return lambda chunk: to_device(chosen(chunk), self.device)
