@@ -243,13 +243,14 @@ def eval_(
     device: DeviceOpt = "cpu",
     offload: OffloadOpt = False,
     shift: ShiftOpt = None,
+    reward_options: Annotated[Path | None, typer.Option(help="YAML file: reward name -> its constructor options, e.g. {hps: {path: HPS_v2.1_compressed.pt, tokenizer: DIR}} (a training config's rewards: section works too).")] = None,
 ) -> None:
     """Score checkpoints on a prompt set: mean, std, 95% CI per reward, and per-prompt scores."""
     import json
 
-    from .inference.evaluate import EvalProgress, evaluate_policy, markdown_table
+    from .inference.evaluate import EvalProgress, build_rewards, evaluate_policy, markdown_table
     from .inference.policy import load_policy
-    from .rewards import get_reward
+    from .train.config import load_yaml
 
     try:
         chosen = _load_prompts(None, None if embeddings and prompts == "heldout" else prompts, limit, embeddings)
@@ -259,8 +260,7 @@ def eval_(
         names = [r.strip() for r in rewards.split(",") if r.strip()]
         if not names:
             raise ValueError("--rewards is empty; name at least one reward, e.g. composition")
-        for name in names:
-            get_reward(name)
+        scorers = build_rewards(names, load_yaml(str(reward_options)) if reward_options is not None else None)
         options = _diffusers_options(embeddings, image_size, flux_guidance, device, offload)
         policies = [load_policy(c, on_note=_note, **options) for c in (checkpoint or ["base"])]
     except (ValueError, KeyError, FileNotFoundError, OSError) as err:
@@ -283,7 +283,7 @@ def eval_(
                     progress.update(task, info=f"{policy.name} blend {b:g}")
                     where = f"{i}:{b!r}"
                     results.append(evaluate_policy(
-                        policy, chosen, names, blend=b, seeds=seeds, steps=steps, solver=solver, guidance=cfg, shift=shift,
+                        policy, chosen, scorers, blend=b, seeds=seeds, steps=steps, solver=solver, guidance=cfg, shift=shift,
                         on_images=lambda k: progress.advance(task, k), done=progress_file.parts(where),
                         on_part=lambda key, part, where=where: progress_file.add(where, key, part)))
     except KeyboardInterrupt:

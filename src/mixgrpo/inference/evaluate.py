@@ -16,17 +16,17 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..rewards import get_reward, score
+from ..rewards import Reward, get_reward, score
 from .generate import EVAL_CHUNK, generate_prompts
 from .policy import Policy
 
-__all__ = ["EvalProgress", "evaluate_policy", "markdown_table", "summarise_scores"]
+__all__ = ["EvalProgress", "build_rewards", "evaluate_policy", "markdown_table", "summarise_scores"]
 
 
 class EvalProgress:
@@ -89,6 +89,33 @@ class EvalProgress:
         self.path.unlink(missing_ok=True)
 
 
+def build_rewards(names: Sequence[str], options: Mapping[str, Any] | None = None) -> dict[str, Reward]:
+    """``name -> reward``, each built with its constructor options from ``options`` (a mapping
+    like a training config's ``rewards:`` section; a ``weight`` key there is ignored). A reward
+    that cannot be built is one line naming it and what it needs."""
+    options = dict(options or {})
+    if isinstance(options.get("rewards"), Mapping):  # a whole training config: its rewards section
+        options = dict(options["rewards"])
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise ValueError(f"reward options for {unknown[0]!r}, which --rewards does not name ({', '.join(names)})")
+    built = {}
+    for name in names:
+        kwargs = options.get(name) or {}
+        if isinstance(kwargs, (int, float)):  # a bare training weight: no options
+            kwargs = {}
+        if not isinstance(kwargs, Mapping):
+            raise ValueError(f"reward options for {name!r} must be a mapping of constructor options (e.g. path: ...), "
+                             f"got {kwargs!r}")
+        kwargs = {k: v for k, v in kwargs.items() if k != "weight"}
+        try:
+            built[name] = get_reward(name, **kwargs)
+        except TypeError as err:  # a missing or unknown constructor option
+            raise ValueError(f"reward {name!r} cannot be built from options {sorted(kwargs)} ({err}); give its "
+                             "checkpoint paths in --reward-options FILE (YAML: {name: {path: ...}})") from None
+    return built
+
+
 def summarise_scores(per_prompt: torch.Tensor) -> dict[str, float]:
     """``mean``, ``std`` and ``ci95`` of per-prompt scores ``(n,)``."""
     n = per_prompt.numel()
@@ -99,7 +126,7 @@ def summarise_scores(per_prompt: torch.Tensor) -> dict[str, float]:
 def evaluate_policy(
     policy: Policy,
     prompts: Sequence[str],
-    rewards: Sequence[str],
+    rewards: Sequence[str] | Mapping[str, Reward],
     *,
     blend: float = 0.0,
     seeds: int = 1,
@@ -111,13 +138,15 @@ def evaluate_policy(
     done: dict[str, dict[str, Any]] | None = None,
     on_part: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Sample every prompt ``seeds`` times (seed ``k`` for pass ``k``) and score each reward.
+    """Sample every prompt ``seeds`` times (seed ``k`` for pass ``k``) and score each reward
+    (``rewards``: registered names, or ``name -> reward`` built once by the caller, e.g. with
+    checkpoint paths from :func:`build_rewards`).
 
     A reward with a ``check_prompts(prompts)`` method (raising ``ValueError`` for prompts it
     cannot score) is asked first, so a bad prompt fails before any image is drawn."""
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
-    scorers = {name: get_reward(name) for name in rewards}
+    scorers = dict(rewards) if isinstance(rewards, Mapping) else {name: get_reward(name) for name in rewards}
     for reward in scorers.values():  # a reward that can refuse prompts does so before any sampling
         check = getattr(reward, "check_prompts", None)
         if callable(check):
