@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -341,3 +342,23 @@ def test_collectives_run_on_the_ranks_device_not_cuda_0(monkeypatch):
     # the trainer's device rule agrees with the process's: cuda -> cuda:LOCAL_RANK
     assert D.rank_device("cuda", 6, 8) == torch.device("cuda:6")
     assert D.rank_device("cuda", 0, 1) == torch.device("cuda")  # one process: the current GPU
+
+
+def test_eval_under_torchrun_shards_the_prompts_and_equals_one_process(tmp_path):
+    """Two ranks each sample half of the eval's parts (chunk x seed pass); rank 0 writes the
+    gathered result, which equals the single process's bitwise (a part's noise depends on its
+    place in the whole evaluation, not on the rank)."""
+    args = ["eval", "--checkpoint", "base", "--prompts", "heldout", "--limit", "70", "--seeds", "2", "--steps", "3",
+            "--rewards", "composition,flatness", "--blend", "0,0.5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "mixgrpo", *args, "--out", str(tmp_path / "one.json")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "mixgrpo", *args, "--out", str(tmp_path / "two.json")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    a = json.loads((tmp_path / "one.json").read_text())["results"]
+    b = json.loads((tmp_path / "two.json").read_text())["results"]
+    assert len(a) == len(b) == 2 and a == b  # every mean, CI and per-prompt score
+    assert not (tmp_path / "two.json.partial").exists()

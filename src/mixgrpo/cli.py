@@ -251,8 +251,11 @@ def eval_(
     from .inference.evaluate import EvalProgress, build_rewards, evaluate_policy, markdown_table
     from .inference.policy import load_policy
     from .train.config import load_yaml
+    from .train.distributed import dist_from_environment
 
     try:
+        d = dist_from_environment(device)  # under torchrun: this rank's process and device; prompts are sharded
+        device = d.device if d.enabled else device
         chosen = _load_prompts(None, None if embeddings and prompts == "heldout" else prompts, limit, embeddings)
         blends = _parse_blends(blend)
         if seeds < 1 or steps < 1:
@@ -268,32 +271,39 @@ def eval_(
     # an interrupted evaluation left its finished parts in OUT.partial: the same command continues
     job = {"prompts": chosen, "rewards": names, "blends": blends, "seeds": seeds, "steps": steps, "solver": solver,
            "cfg": cfg, "shift": shift, "policies": [[p.name, p.source] for p in policies]}
-    progress_file = EvalProgress(out.with_name(out.name + ".partial"), job)
-    if progress_file.resumed:
+    # rank 0 keeps the progress file; every rank starts from the parts it holds
+    progress_file = EvalProgress(out.with_name(out.name + ".partial"), job) if d.is_main else None
+    finished = _share(progress_file.snapshot() if progress_file is not None else None, d)
+    if progress_file is not None and progress_file.resumed:
         _note(f"continuing the interrupted evaluation in {progress_file.path} ({progress_file.resumed} parts done)")
     results = []
     total = len(policies) * len(blends) * seeds * len(chosen)
+    shard = {"shard": (d.rank, d.world_size), "gather": _gatherer(d)} if d.enabled else {}
     try:
         # transient: a prompt a reward refuses mid-run still ends in one line, no bar above it
         with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                      TimeElapsedColumn(), console=console, transient=True) as progress:
+                      TimeElapsedColumn(), console=console, transient=True, disable=not d.is_main) as progress:
             task = progress.add_task("eval", total=total, info="")
             for i, policy in enumerate(policies):
                 for b in blends:
                     progress.update(task, info=f"{policy.name} blend {b:g}")
                     where = f"{i}:{b!r}"
+                    save = (lambda key, part, where=where: progress_file.add(where, key, part)) if progress_file else None
                     results.append(evaluate_policy(
                         policy, chosen, scorers, blend=b, seeds=seeds, steps=steps, solver=solver, guidance=cfg, shift=shift,
-                        on_images=lambda k: progress.advance(task, k), done=progress_file.parts(where),
-                        on_part=lambda key, part, where=where: progress_file.add(where, key, part)))
+                        on_images=lambda k: progress.advance(task, k), done=dict(finished.get(where, {})),
+                        on_part=save, **shard))
     except KeyboardInterrupt:
         scored = int(progress.tasks[0].completed) if progress.tasks else 0
+        where = progress_file.path if progress_file is not None else out.with_name(out.name + ".partial")
         console.print(f"[yellow]interrupted:[/yellow] eval stopped after {scored} of {total} images; the finished "
-                      f"parts are kept in {progress_file.path}; run the same command again to continue",
+                      f"parts are kept in {where}; run the same command again to continue",
                       soft_wrap=True, highlight=False)
         raise typer.Exit(130) from None
     except ValueError as err:
         _fail(str(err))
+    if progress_file is None:  # another rank: rank 0 writes the result
+        return
     table = markdown_table(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"prompts": prompts, "steps": steps, "solver": solver, "cfg": cfg, "results": results}, indent=1) + "\n")
@@ -302,6 +312,29 @@ def eval_(
     progress_file.remove()
     console.print(table, highlight=False, markup=False)
     console.print(f"wrote {out}" + (f" and {out.with_suffix('.md')}" if len(results) > 1 else ""))
+
+
+def _gatherer(d):
+    """``obj -> [rank 0's obj, rank 1's, ...]`` over the torchrun process group."""
+    import torch.distributed as tdist
+
+    def gather(obj):
+        everyone = [None] * d.world_size
+        tdist.all_gather_object(everyone, obj)
+        return everyone
+
+    return gather
+
+
+def _share(obj, d):
+    """Rank 0's ``obj`` on every rank (itself in a single process)."""
+    if not d.enabled:
+        return obj
+    import torch.distributed as tdist
+
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @app.command()

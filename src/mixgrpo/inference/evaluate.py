@@ -59,6 +59,10 @@ class EvalProgress:
     def parts(self, where: str) -> dict[str, dict[str, Any]]:
         return self._parts.get(where, {})
 
+    def snapshot(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Every finished part, by where and key (a copy, to hand to the other ranks)."""
+        return json.loads(json.dumps(self._parts))
+
     def add(self, where: str, key: str, part: dict[str, Any]) -> None:
         if self._handle is None:
             fresh = not self.path.is_file()
@@ -137,10 +141,15 @@ def evaluate_policy(
     on_images: Callable[[int], None] | None = None,
     done: dict[str, dict[str, Any]] | None = None,
     on_part: Callable[[str, dict[str, Any]], None] | None = None,
+    shard: tuple[int, int] = (0, 1),
+    gather: Callable[[Any], list[Any]] | None = None,
 ) -> dict[str, Any]:
     """Sample every prompt ``seeds`` times (seed ``k`` for pass ``k``) and score each reward
     (``rewards``: registered names, or ``name -> reward`` built once by the caller, e.g. with
     checkpoint paths from :func:`build_rewards`).
+
+    Under torchrun pass ``shard=(rank, world_size)`` and ``gather`` (``all_gather_object``):
+    each rank samples its share of the parts, every rank returns the whole result.
 
     A reward with a ``check_prompts(prompts)`` method (raising ``ValueError`` for prompts it
     cannot score) is asked first, so a bad prompt fails before any image is drawn."""
@@ -154,24 +163,38 @@ def evaluate_policy(
     conditions = policy.conditions(prompts)  # every prompt's embedding found (or made) before any sampling
     shift = policy.shift if shift is None else shift
     totals = {name: torch.zeros(len(prompts)) for name in rewards}
-    for k in range(seeds):
-        for start in range(0, len(prompts), EVAL_CHUNK):
-            chunk, key = list(prompts[start : start + EVAL_CHUNK]), f"{k}:{start}"
-            if done is not None and key in done:  # scored before an interruption
-                part = {name: torch.tensor(done[key]["scores"][name], dtype=getattr(torch, done[key]["dtypes"][name]))
-                        for name in rewards}
-                if on_images is not None:
-                    on_images(len(chunk))
-            else:
+    done = done or {}
+    # the parts in a fixed order; with `gather` (torchrun) rank r draws parts r, r + W, ... of each
+    # round of W and every rank receives all of them: the noise of a part depends on its key only,
+    # so the result is the single process's, bitwise
+    parts = [(k, start) for k in range(seeds) for start in range(0, len(prompts), EVAL_CHUNK)]
+    rank, world = shard
+    for first in range(0, len(parts), world):
+        todo = parts[first : first + world]
+        mine = None
+        if rank < len(todo):
+            k, start = todo[rank]
+            key = f"{k}:{start}"
+            if key not in done:
+                chunk = list(prompts[start : start + EVAL_CHUNK])
                 images = generate_prompts(policy, conditions, chunk, seed=k * 1_000_003 + start, steps=steps,
                                           shift=shift, solver=solver, guidance=guidance, blend=blend, base=policy.base,
-                                          decode=policy.decode, device=policy.device, on_chunk=on_images)
-                part = {name: score(reward, images, chunk) for name, reward in scorers.items()}
+                                          decode=policy.decode, device=policy.device)
+                scores = {name: score(reward, images, chunk) for name, reward in scorers.items()}
+                mine = (key, {"scores": {n: v.tolist() for n, v in scores.items()},
+                              "dtypes": {n: str(v.dtype).removeprefix("torch.") for n, v in scores.items()}})
+        for got in (gather(mine) if world > 1 else [mine]):
+            if got is not None:  # newly scored on some rank
+                done[got[0]] = got[1]
                 if on_part is not None:
-                    on_part(key, {"scores": {n: v.tolist() for n, v in part.items()},
-                                  "dtypes": {n: str(v.dtype).removeprefix("torch.") for n, v in part.items()}})
+                    on_part(*got)
+        for k, start in todo:
+            key, n = f"{k}:{start}", len(prompts[start : start + EVAL_CHUNK])
             for name in rewards:
-                totals[name][start : start + len(chunk)] += part[name]
+                totals[name][start : start + n] += torch.tensor(done[key]["scores"][name],
+                                                                dtype=getattr(torch, done[key]["dtypes"][name]))
+            if on_images is not None:
+                on_images(n)
     per_prompt = {name: t / seeds for name, t in totals.items()}
     return {
         "checkpoint": policy.name,
