@@ -18,7 +18,7 @@ import torch
 
 from mixgrpo.rewards import get_reward
 from mixgrpo.world import all_prompts, parse_prompt
-from mixgrpo.world.adversarial import FAMILIES, perturbed
+from mixgrpo.world.adversarial import perturbed
 
 HACKED = Path(__file__).resolve().parent.parent / "tests" / "data" / "hacked_v1.npz"
 # family -> (kind of bound, bound): the calibration test's figures, kept here for the table

@@ -18,8 +18,7 @@ import torch
 from mixgrpo.inference.generate import generate_prompts
 from mixgrpo.inference.policy import load_policy
 from mixgrpo.text import cached_embeddings
-from mixgrpo.world.grammar import heldout_eval_prompts
-from mixgrpo.world.grammar import split_prompts
+from mixgrpo.world.grammar import heldout_eval_prompts, split_prompts
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ with that reference's. (``make parity`` runs the official packages themselves.)
 
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
@@ -19,104 +18,12 @@ pytest.importorskip("transformers")
 
 from mixgrpo.rewards import get_reward, score
 from mixgrpo.rewards.preference import hps_preprocess, projected, to_uint8_grid
-
-WORDS = ["a", "red", "blue", "cat", "dog", "photo", "of", "two", "circles"]
-
-
-def make_clip_tokenizer(folder, context=8):
-    """A CLIP BPE tokenizer folder whose end-of-text token has the largest id (as in CLIP)."""
-    from transformers import CLIPTokenizer
-
-    vocab = {w + "</w>": i for i, w in enumerate(WORDS)}
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(WORDS), len(WORDS) + 1
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), unk_token="<|endoftext|>",
-                        pad_token="<|endoftext|>", model_max_length=context)
-    tok.save_pretrained(folder)
-    return tok, len(vocab)
-
-
-class _Block(nn.Module):  # open_clip's ResidualAttentionBlock
-    def __init__(self, width, heads):
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.mlp = nn.Sequential()
-        self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
-        self.mlp.add_module("gelu", nn.GELU())
-        self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
-
-    def forward(self, x, mask=None):
-        h = self.ln_1(x)
-        x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
-        return x + self.mlp(self.ln_2(x))
-
-
-class _Stack(nn.Module):
-    def __init__(self, width, layers, heads):
-        super().__init__()
-        self.resblocks = nn.ModuleList(_Block(width, heads) for _ in range(layers))
-
-
-class _Visual(nn.Module):
-    def __init__(self, width=32, layers=2, heads=2, patch=4, image=16, embed=16):
-        super().__init__()
-        g = image // patch
-        self.conv1 = nn.Conv2d(3, width, patch, patch, bias=False)
-        self.class_embedding = nn.Parameter(torch.randn(width) * 0.1)
-        self.positional_embedding = nn.Parameter(torch.randn(g * g + 1, width) * 0.1)
-        self.ln_pre, self.ln_post = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.transformer = _Stack(width, layers, heads)
-        self.proj = nn.Parameter(torch.randn(width, embed) * 0.2)
-
-    def forward(self, x):
-        x = self.conv1(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], 1) + self.positional_embedding
-        x = self.ln_pre(x)
-        for block in self.transformer.resblocks:
-            x = block(x)
-        return self.ln_post(x[:, 0]) @ self.proj
-
-
-class OpenClipReference(nn.Module):
-    """A tiny open_clip CLIP: same forward, same state-dict names."""
-
-    def __init__(self, vocab, context=8, width=32, layers=2, heads=2, embed=16):
-        super().__init__()
-        torch.manual_seed(0)
-        self.visual = _Visual(embed=embed)
-        self.token_embedding = nn.Embedding(vocab, width)
-        self.positional_embedding = nn.Parameter(torch.randn(context, width) * 0.1)
-        self.transformer = _Stack(width, layers, heads)
-        self.ln_final = nn.LayerNorm(width)
-        self.text_projection = nn.Parameter(torch.randn(width, embed) * 0.2)
-        self.logit_scale = nn.Parameter(torch.tensor(4.6052))
-        for p in self.parameters():  # LayerNorms away from identity, so a swapped name shows
-            if p.ndim == 1:
-                p.data += torch.randn_like(p) * 0.1
-
-    def encode_text(self, ids):
-        x = self.token_embedding(ids) + self.positional_embedding
-        mask = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)
-        for block in self.transformer.resblocks:
-            x = block(x, mask)
-        return self.ln_final(x)[torch.arange(len(ids)), ids.argmax(-1)] @ self.text_projection
-
-    def hps(self, pixels, ids):
-        f_img = nn.functional.normalize(self.visual(pixels), dim=-1)
-        f_txt = nn.functional.normalize(self.encode_text(ids), dim=-1)
-        return (f_img * f_txt).sum(-1)
+from tiny_rewards import make_clip_folder, make_hps_files, make_imagereward_files
 
 
 @pytest.fixture(scope="module")
 def hps_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hps")
-    tok, vocab = make_clip_tokenizer(root / "tokenizer")
-    ref = OpenClipReference(vocab).eval()
-    torch.save({"state_dict": ref.state_dict()}, root / "HPS_v2.1_compressed.pt")
-    return root, ref, tok
+    return make_hps_files(tmp_path_factory.mktemp("hps"))
 
 
 def _images(n=4, size=24, seed=0):
@@ -155,21 +62,7 @@ def test_hps_preprocessing_follows_preprocess_val():
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    root = tmp_path_factory.mktemp("clip")
-    tok, vocab = make_clip_tokenizer(root / "tok")
-    torch.manual_seed(0)
-    config = CLIPConfig(projection_dim=16,
-                        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                     "num_attention_heads": 2, "vocab_size": vocab, "max_position_embeddings": 8,
-                                     "eos_token_id": vocab - 1},
-                        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                       "num_attention_heads": 2, "image_size": 16, "patch_size": 4})
-    CLIPModel(config).save_pretrained(root / "model")
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(root / "model")
-    return root / "model"
+    return make_clip_folder(tmp_path_factory.mktemp("clip"))
 
 
 @pytest.mark.parametrize("name", ["pickscore", "clipscore"])
@@ -266,50 +159,9 @@ def test_a_reward_from_an_entry_point_trains(tmp_path, monkeypatch):
     sys.modules.pop("user_reward", None)
 
 
-def _official_imagereward_state(vision, text, mlp):
-    """Our BLIP modules' weights renamed back into ImageReward.pt's keys (the inverse map)."""
-    inverse = {"layer_norm1": "norm1", "self_attn.qkv": "attn.qkv", "self_attn.projection": "attn.proj",
-               "layer_norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
-    out = {}
-    for k, v in vision.state_dict().items():
-        if k.startswith("encoder.layers."):
-            i, rest = k[len("encoder.layers."):].split(".", 1)
-            name, kind = rest.rsplit(".", 1)
-            out[f"blip.visual_encoder.blocks.{i}.{inverse[name]}.{kind}"] = v
-    sd = vision.state_dict()
-    out.update({"blip.visual_encoder.cls_token": sd["embeddings.class_embedding"],
-                "blip.visual_encoder.pos_embed": sd["embeddings.position_embedding"],
-                "blip.visual_encoder.patch_embed.proj.weight": sd["embeddings.patch_embedding.weight"],
-                "blip.visual_encoder.patch_embed.proj.bias": sd["embeddings.patch_embedding.bias"],
-                "blip.visual_encoder.norm.weight": sd["post_layernorm.weight"],
-                "blip.visual_encoder.norm.bias": sd["post_layernorm.bias"]})
-    out.update({f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()})
-    out.update({f"mlp.layers.{k}": v for k, v in mlp.state_dict().items()})
-    out["blip.vision_proj.weight"] = torch.zeros(4, 32)  # present in the official file, unused by the score
-    return out
-
-
 @pytest.fixture(scope="module")
 def imagereward_files(tmp_path_factory):
-    from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
-
-    from mixgrpo.rewards.imagereward import _mlp
-
-    root = tmp_path_factory.mktemp("imagereward")
-    (root / "bert").mkdir()
-    (root / "bert" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    torch.manual_seed(0)
-    vision = BlipVisionModel(BlipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                              num_attention_heads=1, image_size=32, patch_size=8, layer_norm_eps=1e-6))
-    text = BlipTextModel(BlipTextConfig(vocab_size=len(WORDS) + 7, hidden_size=64, num_hidden_layers=2,
-                                        num_attention_heads=1, intermediate_size=128, encoder_hidden_size=64,
-                                        max_position_embeddings=40, is_decoder=True), add_pooling_layer=False)
-    mlp = _mlp(64)
-    for module in (vision, text, mlp):
-        for p in module.parameters():
-            p.data += torch.randn_like(p) * 0.05
-    torch.save(_official_imagereward_state(vision, text, mlp), root / "ImageReward.pt")
-    return root, (vision.eval(), text.eval(), mlp.eval())
+    return make_imagereward_files(tmp_path_factory.mktemp("imagereward"))
 
 
 def test_imagereward_loads_the_official_layout_and_scores(imagereward_files):

@@ -18,60 +18,11 @@ pytest.importorskip("tokenizers")
 
 from mixgrpo.rewards import get_reward, list_rewards, score
 from mixgrpo.rewards.vlm_judge import VLMJudgeReward, parse_score
+from tiny_rewards import CHAT_TEMPLATE, build_tiny_llava
+from tiny_rewards import VLM_WORDS as WORDS
 
-WORDS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "USER", "ASSISTANT", ":", ".", ",", "\n", "(", ")",
-         "1", "2", "3", "4", "5", "a", "an", "red", "blue", "green", "cat", "dog", "circle", "circles", "two", "photo",
-         "of", "rate", "the", "image", "caption", "from", "to", "how", "well", "it", "matches", "score", "Score",
-         "Final", "is"]
-IMAGE_SIZE, PATCH = 16, 8
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
-                 "{% if c['type'] == 'image' %}<image>{{ '\n' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
-                 "{{ '\n' }}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 TEMPLATE = "rate how well the image matches the caption : {prompt}"
 PROMPTS = ["a red cat", "two blue circles", "a photo of a green dog", "an image", "a red circle"]
-
-
-def build_tiny_llava(folder, chat_template=CHAT_TEMPLATE):
-    """Save a random Llava and its processor to ``folder``; returns the folder."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
-    )
-
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"<image>|\w+|[^\w\s]|\n"), behavior="isolated"),
-        pre_tokenizers.Split(Regex(r" +"), behavior="removed"),
-    ])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
-    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
-                               vision_feature_select_strategy="default", chat_template=chat_template,
-                               num_additional_image_tokens=1)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=16)
-    text = LlamaConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                       pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=vocab["<image>"],
-                         vision_feature_select_strategy="default", vision_feature_layer=-1)
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).eval()
-    with torch.no_grad():  # a peakier random head, so the level probabilities differ visibly
-        model.lm_head.weight.mul_(20)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -310,8 +310,8 @@ def eval_(
     if len(results) > 1:
         out.with_suffix(".md").write_text(table)
     progress_file.remove()
-    console.print(table, highlight=False, markup=False)
-    console.print(f"wrote {out}" + (f" and {out.with_suffix('.md')}" if len(results) > 1 else ""))
+    console.print(table, highlight=False, markup=False, soft_wrap=True)  # a Markdown row is never wrapped
+    console.print(f"wrote {out}" + (f" and {out.with_suffix('.md')}" if len(results) > 1 else ""), soft_wrap=True)
 
 
 def _gatherer(d):

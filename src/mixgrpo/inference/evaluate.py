@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..rewards import Reward, get_reward, score
+from ..rewards.base import RewardOptionsError
 from .generate import EVAL_CHUNK, generate_prompts
 from .policy import Policy
 
@@ -114,9 +115,9 @@ def build_rewards(names: Sequence[str], options: Mapping[str, Any] | None = None
         kwargs = {k: v for k, v in kwargs.items() if k != "weight"}
         try:
             built[name] = get_reward(name, **kwargs)
-        except TypeError as err:  # a missing or unknown constructor option
-            raise ValueError(f"reward {name!r} cannot be built from options {sorted(kwargs)} ({err}); give its "
-                             "checkpoint paths in --reward-options FILE (YAML: {name: {path: ...}})") from None
+        except RewardOptionsError as err:  # a missing or unknown constructor option
+            takes = str(err).split(" (set them as")[0]
+            raise ValueError(f"{takes}: give them in --reward-options FILE (YAML: {{{name}: {{path: ...}}}})") from None
     return built
 
 

@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Reward", "check_images", "get_reward", "list_rewards", "register_reward", "score", "validate_reward_output"]
+__all__ = ["Reward", "RewardOptionsError", "check_images", "get_reward", "list_rewards", "register_reward", "score", "validate_reward_output"]
 
 
 @runtime_checkable
@@ -74,6 +74,10 @@ def list_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
+class RewardOptionsError(ValueError):
+    """A reward's constructor options do not fit its signature (missing or unknown ones)."""
+
+
 def get_reward(name: str, **kwargs) -> Reward:
     """Instantiate the reward registered as ``name``.
 
@@ -97,7 +101,7 @@ def get_reward(name: str, **kwargs) -> Reward:
             signature.bind(**kwargs)
         except TypeError:
             takes = [p for p in signature.parameters if p not in ("self", "args", "kwargs")]
-            raise ValueError(f"reward {name!r} takes options {', '.join(takes) or '(none)'}; got {', '.join(kwargs) or '(none)'} "
+            raise RewardOptionsError(f"reward {name!r} takes options {', '.join(takes) or '(none)'}; got {', '.join(kwargs) or '(none)'} "
                              f"(set them as rewards: {{{name}: {{weight: 1, <option>: ...}}}})") from None
     return factory(**kwargs)
 
