@@ -1,7 +1,8 @@
 """Reward weightings side by side on the embedded world: composition (the verifier) against
 flatness (clean images), MixGRPO at the demo's budget.
 
-    python scripts/bench_weighting.py run --arm static --seed 0 --out runs/weighting
+    python scripts/bench_weighting.py run --arm static --seed 0 --out runs/weighting   # each arm x seed
+    python scripts/bench_weighting.py base --out runs/weighting     # the shipped base, same protocol
     python scripts/bench_weighting.py report --out runs/weighting   # table, Pareto plot, JSON
 
 Arms share seeds, prompts and noise; every arm starts from the shipped base with static weights
@@ -11,7 +12,8 @@ composition 1, flatness 0.25 (`rewards`), and differs only in `weighting.name`:
 * ``progress``, ``gradient``: the dynamic schemes from the same starting weights;
 * ``constraint``: maximise composition with flatness >= 0.95 x its first batch mean.
 
-Each finished run is evaluated on the 256 held-out prompts (one deterministic 25-step sample per
+Training's own evaluations use 16 prompts (they do not change the training run); each finished
+run is evaluated on the 256 held-out prompts (one deterministic 25-step sample per
 prompt, the same noise for every arm): per-prompt composition and flatness, paired against
 ``static`` of the same seed. ``report`` writes ``weighting.md``, ``weighting.json`` and
 ``pareto.png`` under ``--out``.
@@ -30,7 +32,7 @@ ARMS = {
     "gradient": ["weighting.name=gradient"],
     "constraint": ["weighting.name=constraint", "weighting.primary=composition", "weighting.floors={flatness: 0.95}"],
 }
-SHARED = ["rewards={composition: 1.0, flatness: 0.25}", "model.dtype=bfloat16", "eval_every=60", "eval_prompts=256"]
+SHARED = ["rewards={composition: 1.0, flatness: 0.25}", "model.dtype=bfloat16", "eval_every=60", "eval_prompts=16"]
 
 
 def run(arm: str, seed: int, out: Path) -> None:
@@ -49,6 +51,16 @@ def run(arm: str, seed: int, out: Path) -> None:
     for blend in (0.0, 0.2) if arm == "static" else (0.0,):
         result = evaluate_policy(policy, prompts, ["composition", "flatness"], blend=blend)
         (folder / f"heldout_blend{blend:g}.json").write_text(json.dumps(result) + "\n")
+
+
+def base(out: Path) -> None:
+    from mixgrpo.inference.evaluate import evaluate_policy
+    from mixgrpo.inference.policy import load_policy
+    from mixgrpo.world.grammar import heldout_eval_prompts
+
+    result = evaluate_policy(load_policy("base"), heldout_eval_prompts(256), ["composition", "flatness"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "base_heldout.json").write_text(json.dumps(result) + "\n")
 
 
 def _per_prompt(folder: Path, blend: float = 0.0) -> dict[str, list[float]]:
@@ -72,7 +84,8 @@ def report(out: Path) -> None:
     import matplotlib.pyplot as plt
 
     seeds = sorted({int(p.name.rsplit("_s", 1)[1]) for p in out.glob("static_s*") if (p / "heldout_blend0.json").is_file()})
-    base_eval = json.loads((out / f"static_s{seeds[0]}" / "eval.jsonl").read_text().splitlines()[0])
+    base_rewards = json.loads((out / "base_heldout.json").read_text())["rewards"]
+    base_eval = {f"reward_{k}": v["mean"] for k, v in base_rewards.items()}
     rows = []
     variants = [(arm, 0.0) for arm in ARMS] + [("static", 0.2)]
     for arm, blend in variants:
@@ -93,7 +106,7 @@ def report(out: Path) -> None:
         rows.append(row)
     static_time = next(r["iter_time_s"] for r in rows if r["arm"] == "static")
     fmt = lambda m: f"{m[0]:.3f}" + (f" ± {m[1]:.3f}" if m[1] is not None else "")  # noqa: E731
-    lines = [f"Base (iteration 0 of static, seed {seeds[0]}): composition {base_eval['reward_composition']:.3f}, "
+    lines = [f"Base: composition {base_eval['reward_composition']:.3f}, "
              f"flatness {base_eval['reward_flatness']:.3f}; {len(seeds)} seed(s), 256 held-out prompts, ± = 95% t over seeds.", "",
              "| arm | composition | Δ vs static | flatness | Δ vs static | flatness / base | final flatness weight | iter time / static |",
              "|---|---|---|---|---|---|---|---|"]
@@ -120,7 +133,7 @@ def report(out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["run", "report"])
+    parser.add_argument("command", choices=["run", "base", "report"])
     parser.add_argument("--arm", choices=list(ARMS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/weighting"))
@@ -129,6 +142,8 @@ def main() -> None:
         if args.arm is None:
             parser.error("run needs --arm")
         run(args.arm, args.seed, args.out)
+    elif args.command == "base":
+        base(args.out)
     else:
         report(args.out)
 

@@ -20,7 +20,7 @@ from mixgrpo.train.config import WeightingConfig, apply_overrides
 from mixgrpo.train.run import train
 from mixgrpo.train.trainer import GRPOTrainer
 from mixgrpo.train.weighting import make_weighting
-from tiny_runs import make_tiny_checkpoint, tiny_config
+from tiny_runs import make_tiny_checkpoint, tiny_config, train_interrupted_then_resumed
 
 TWO = "rewards={test-train-brightness: 1.0, flatness: 1.0}"
 
@@ -149,17 +149,7 @@ def test_each_weighting_logs_its_weights_and_resumes_bitwise(tiny_checkpoint, tm
     weights = [(r["weight_flatness"], r["weight_test-train-brightness"]) for r in rows]
     assert len(set(weights)) > 1, f"{name}: the weights never moved: {weights}"
     assert (tmp_path / "full/weights_curve.png").is_file()
-
-    class Crash(RuntimeError):
-        pass
-
-    def crash(row):
-        if row["iteration"] == 2:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train(cfg, tmp_path / "cut", on_iteration=crash)
-    train(cfg, tmp_path / "cut", resume=True)
+    train_interrupted_then_resumed(cfg, tmp_path / "cut")
     from safetensors.torch import load_file
 
     a = load_file(str(tmp_path / "full/checkpoints/iter_000003/weights.safetensors"))

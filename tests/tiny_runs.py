@@ -45,3 +45,24 @@ def tiny_config(checkpoint: str, preset: str = "mixgrpo", *extra: str) -> TrainC
         "sampler.num_steps=8", "eval_prompts=8", "eval_every=2", "checkpoint_every=2", "schedule.interval=1",
         "schedule.size=2", "optim.micro_batch=4", "rewards={test-train-brightness: 1.0}", *extra,
     ])
+
+
+def train_interrupted_then_resumed(cfg: TrainConfig, folder: Path, crash_at: int = 2) -> None:
+    """Train ``cfg`` into ``folder``, crash at iteration ``crash_at`` (after the checkpoint of
+    ``crash_at - 1``; ``crash_at`` itself is lost), then ``--resume`` to the end."""
+    from mixgrpo.train.run import train
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash(row):
+        if row["iteration"] == crash_at:
+            raise Crash
+
+    try:
+        train(cfg, folder, on_iteration=crash)
+    except Crash:
+        pass
+    else:
+        raise AssertionError(f"the run never reached iteration {crash_at}")
+    train(cfg, folder, resume=True)
