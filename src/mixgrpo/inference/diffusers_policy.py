@@ -35,7 +35,7 @@ from .diffusers_models import (
     scheduler_shift,
     to_device,
 )
-from .policy import Policy
+from .policy_base import Policy
 from .runs import latest_run_weights, load_named, load_safetensors, pick_weights, read_run_model
 
 __all__ = ["EXPORT_META", "load_diffusers_policy"]

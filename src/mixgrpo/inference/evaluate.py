@@ -25,7 +25,7 @@ import torch
 from ..rewards import Reward, get_reward, score
 from ..rewards.base import RewardOptionsError
 from .generate import EVAL_CHUNK, generate_prompts
-from .policy import Policy
+from .policy_base import Policy
 
 __all__ = ["EvalProgress", "build_rewards", "evaluate_policy", "markdown_table", "summarise_scores"]
 

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ from ..models.lora import (
     save_peft_adapter,
 )
 from ..models.tiny_dit import TextCondition
-from ..text import PromptEmbeddings, cached_embeddings
+from .policy_base import Policy
 from .runs import latest_run_weights, load_named, load_safetensors, pick_weights
 
 __all__ = ["Policy", "export_run", "load_policy"]
@@ -61,36 +60,6 @@ class _AdapterOff:
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition, guidance: float = 1.0) -> torch.Tensor:
         with adapters_disabled(self.model):
             return self.model.velocity(x, t, cond, guidance)
-
-
-@dataclass
-class Policy:
-    """A model ready for inference, with the base model to blend with, how its final samples
-    become images, its grid's time shift and how prompts become its conditions."""
-
-    name: str
-    model: EmbeddedModel | Any  # anything with velocity(x, t, cond, guidance) and .config
-    base: EmbeddedModel | Any
-    source: str  # where the weights came from, for reports
-    kind: str = "embedded"  # embedded | flux | sd3
-    decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: the embedded model's pixel space
-    shift: float = 3.0  # time shift of the sampling grid (flux/sd3: their scheduler's)
-    device: str = "cpu"  # where the model samples (noise is drawn on the CPU, then moved)
-    # prompts -> (prompts -> condition); None: the embedded model's MiniLM embeddings (cached)
-    prompt_conditions: Callable[[Sequence[str]], Callable[[Sequence[str]], Any]] | None = None
-
-    @property
-    def config(self):
-        return self.model.config
-
-    def conditions(self, prompts: Sequence[str]) -> PromptEmbeddings | Callable[[Sequence[str]], Any]:
-        """What :func:`~mixgrpo.inference.generate.generate_prompts` needs to condition on ``prompts``."""
-        if self.prompt_conditions is None:
-            return cached_embeddings(list(dict.fromkeys(prompts)))
-        return self.prompt_conditions(prompts)
-
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition, guidance: float = 1.0) -> torch.Tensor:
-        return self.model.velocity(x, t, cond, guidance)
 
 
 def _resolve_base(spec: str | None) -> Path:

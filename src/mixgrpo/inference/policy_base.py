@@ -1,0 +1,46 @@
+"""What inference holds of a checkpoint: :class:`Policy` (loaders: :mod:`.policy` for the
+embedded model, :mod:`.diffusers_policy` for FLUX/SD3)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..models.checkpoint import EmbeddedModel
+from ..models.tiny_dit import TextCondition
+from ..text import PromptEmbeddings, cached_embeddings
+
+__all__ = ["Policy"]
+
+
+@dataclass
+class Policy:
+    """A model ready for inference, with the base model to blend with, how its final samples
+    become images, its grid's time shift and how prompts become its conditions."""
+
+    name: str
+    model: EmbeddedModel | Any  # anything with velocity(x, t, cond, guidance) and .config
+    base: EmbeddedModel | Any
+    source: str  # where the weights came from, for reports
+    kind: str = "embedded"  # embedded | flux | sd3
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: the embedded model's pixel space
+    shift: float = 3.0  # time shift of the sampling grid (flux/sd3: their scheduler's)
+    device: str = "cpu"  # where the model samples (noise is drawn on the CPU, then moved)
+    # prompts -> (prompts -> condition); None: the embedded model's MiniLM embeddings (cached)
+    prompt_conditions: Callable[[Sequence[str]], Callable[[Sequence[str]], Any]] | None = None
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def conditions(self, prompts: Sequence[str]) -> PromptEmbeddings | Callable[[Sequence[str]], Any]:
+        """What :func:`~mixgrpo.inference.generate.generate_prompts` needs to condition on ``prompts``."""
+        if self.prompt_conditions is None:
+            return cached_embeddings(list(dict.fromkeys(prompts)))
+        return self.prompt_conditions(prompts)
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition, guidance: float = 1.0) -> torch.Tensor:
+        return self.model.velocity(x, t, cond, guidance)
