@@ -219,3 +219,14 @@ def test_a_checkpoint_without_weighting_state_is_refused_by_a_dynamic_run(tiny_c
     dynamic = GRPOTrainer(tiny_config(tiny_checkpoint, "mixgrpo", TWO, "weighting.name=progress"))
     with pytest.raises(ValueError, match=r"holds no state\.weighting\.seen"):
         dynamic.load_trainable_state(state)
+
+
+@pytest.mark.parametrize("preset", ["branch-grpo", "nft"])
+def test_dynamic_weights_reach_tree_and_forward_process_presets(tiny_checkpoint, tmp_path, preset):
+    """Dynamic weights run with BranchGRPO's tree advantages and NFT's forward-process loss."""
+    cfg = tiny_config(tiny_checkpoint, preset, TWO, "weighting.name=progress", "weighting.warmup=1",
+                      "weighting.temperature=0.01", "iterations=3")
+    trainer = GRPOTrainer(cfg)
+    train(cfg, tmp_path / "run", trainer=trainer)
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["weight_flatness"] != rows[0]["weight_flatness"]

@@ -249,7 +249,9 @@ class GRPOTrainer:
         per_step = None
         if self.cfg.sampler.tree_splits:  # BranchGRPO: each edge its node's advantage within its depth
             steps = [batch.rollout.transitions.step_index[i] for i in batch.trained]
-            per_step = tree_advantages(total.view(-1, g), self.cfg.sampler.tree_splits, steps,
+            current = self.weighting.weights()  # the static ones, or this iteration's dynamic ones
+            combined = sum(current[n] * r for n, r in rewards.items()) / sum(current.values())
+            per_step = tree_advantages(combined.view(-1, g), self.cfg.sampler.tree_splits, steps,
                                        clip=self.cfg.loss.adv_clip)[0]
         if self.cfg.loss.objective != "grpo" or per_step is not None:
             # the references train every finite sample: a constant group's at A = 0, every tree edge
