@@ -150,12 +150,13 @@ ImageSizeOpt = Annotated[int | None, typer.Option(help="FLUX/SD3: pixels per sid
 FluxGuidanceOpt = Annotated[float | None, typer.Option(help="FLUX.1's distilled guidance (default: the run's, else 3.5).")]
 DeviceOpt = Annotated[str, typer.Option(help="FLUX/SD3: where the model samples (cpu, cuda, cuda:N).")]
 OffloadOpt = Annotated[bool, typer.Option(help="FLUX/SD3 full fine-tunes: keep the policy and its base on the CPU in turn while the other samples (for --blend).")]
+DtypeOpt = Annotated[str | None, typer.Option(help="FLUX/SD3: float type of the weights, float32 or bfloat16 (default: the run's model.dtype, else float32).")]
 ShiftOpt = Annotated[float | None, typer.Option(help="Time shift of the sampling grid (default: 3 for the embedded model; the run's, else the scheduler's, for FLUX/SD3).")]
 
 
-def _diffusers_options(embeddings, image_size, flux_guidance, device, offload) -> dict:
+def _diffusers_options(embeddings, image_size, flux_guidance, device, offload, dtype) -> dict:
     return {"embeddings": embeddings, "image_size": image_size, "flux_guidance": flux_guidance, "device": device,
-            "offload": offload}
+            "offload": offload, "dtype": dtype}
 
 
 def _load_prompts(prompt: list[str] | None, prompts: str | None, limit: int | None = None,
@@ -201,6 +202,7 @@ def sample(
     device: DeviceOpt = "cpu",
     offload: OffloadOpt = False,
     shift: ShiftOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """Generate images with a checkpoint: a captioned grid (and single PNGs on request)."""
     from .inference.generate import generate_prompts
@@ -213,7 +215,7 @@ def sample(
             raise ValueError(f"--steps must be >= 1, got {steps}")
         _parse_blends(str(blend))
         policy = load_policy(checkpoint, on_note=_note,
-                             **_diffusers_options(embeddings, image_size, flux_guidance, device, offload))
+                             **_diffusers_options(embeddings, image_size, flux_guidance, device, offload, dtype))
         images = generate_prompts(policy, policy.conditions(chosen), chosen, seed=seed, steps=steps, solver=solver,
                                   guidance=cfg, blend=blend, base=policy.base, decode=policy.decode,
                                   shift=policy.shift if shift is None else shift, device=policy.device)
@@ -243,6 +245,7 @@ def eval_(
     device: DeviceOpt = "cpu",
     offload: OffloadOpt = False,
     shift: ShiftOpt = None,
+    dtype: DtypeOpt = None,
     reward_options: Annotated[Path | None, typer.Option(help="YAML file: reward name -> its constructor options, e.g. {hps: {path: HPS_v2.1_compressed.pt, tokenizer: DIR}} (a training config's rewards: section works too).")] = None,
 ) -> None:
     """Score checkpoints on a prompt set: mean, std, 95% CI per reward, and per-prompt scores."""
@@ -264,7 +267,7 @@ def eval_(
         if not names:
             raise ValueError("--rewards is empty; name at least one reward, e.g. composition")
         scorers = build_rewards(names, load_yaml(str(reward_options)) if reward_options is not None else None)
-        options = _diffusers_options(embeddings, image_size, flux_guidance, device, offload)
+        options = _diffusers_options(embeddings, image_size, flux_guidance, device, offload, dtype)
         policies = [load_policy(c, on_note=_note, **options) for c in (checkpoint or ["base"])]
     except (ValueError, KeyError, FileNotFoundError, OSError) as err:
         _fail(str(err.args[0]) if isinstance(err, KeyError) else str(err))

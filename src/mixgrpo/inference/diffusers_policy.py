@@ -41,6 +41,7 @@ from .runs import latest_run_weights, load_named, load_safetensors, pick_weights
 __all__ = ["EXPORT_META", "load_diffusers_policy"]
 
 EXPORT_META = "mixgrpo_export.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
@@ -83,23 +84,33 @@ def _apply_lora(parts: DiffusersModel, rank: int, alpha: float, targets: list[st
                 state: dict[str, torch.Tensor], source: Path) -> None:
     add_lora(parts.transformer, rank, alpha, targets or parts.lora_targets)
     names = [n for n, _ in parts.transformer.named_parameters() if "lora_" in n]
+    for n, p in parts.transformer.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()  # the adapter in fp32 over a bf16 base, as it trained
     load_named(parts.transformer, names, state, source)
 
 
 def load_diffusers_policy(folder: Path, name: str, *, embeddings: str | Path | None = None,
                           image_size: int | None = None, flux_guidance: float | None = None,
                           device: str | torch.device = "cpu", ema: bool = True, offload: bool = False,
-                          cache_dir: Path | None = None, on_note: Callable[[str], None] | None = None) -> Policy:
+                          cache_dir: Path | None = None, on_note: Callable[[str], None] | None = None,
+                          dtype: str | None = None) -> Policy:
     """A FLUX/SD3 policy from ``folder`` (see the module doc); ``None`` options take the
-    run's (or export's) own values."""
+    run's (or export's) own values (``dtype``: the weights' float type, default the run's
+    ``model.dtype``, else float32)."""
     device = torch.device(device)
     folder = Path(folder)
+    if dtype not in (None, "float32", "bfloat16"):
+        raise ValueError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
     known: list[str] = []  # preprocess folders the run itself used
     length = None  # the text length prompts are encoded at when no folder holds them (None: the run's, else 512/256)
     if (folder / "config.yaml").is_file():
         m = read_run_model(folder)
-        pipeline, size = Path(m.path or ""), image_size or m.image_size
-        parts = load_diffusers_model(m.kind, pipeline, image_size=size, device=device,
+        if not m.path:
+            raise ValueError(f"{folder}/config.yaml names no model.path (the pipeline folder it was trained from)")
+        pipeline, size = Path(m.path), image_size or m.image_size
+        weights_dtype = _DTYPES[dtype or m.dtype]
+        parts = load_diffusers_model(m.kind, pipeline, image_size=size, device=device, dtype=weights_dtype,
                                      flux_guidance=flux_guidance if flux_guidance is not None else m.flux_guidance)
         ckpt, state = latest_run_weights(folder, on_note)
         weights, which = pick_weights(state, ema)
@@ -111,18 +122,23 @@ def load_diffusers_policy(folder: Path, name: str, *, embeddings: str | Path | N
             _apply_lora(parts, m.lora_rank, m.lora_alpha, m.lora_targets, weights, ckpt)
             model, base = parts.model, _AdapterOff(parts.model)
         else:
-            trained = load_transformer_of(m.kind, pipeline)
+            trained = load_transformer_of(m.kind, pipeline)  # fp32, as the checkpoint's master weights
             load_named(trained, [n for n, _ in trained.named_parameters()], weights, ckpt)
+            trained.to(weights_dtype)
             model, base = parts.velocity_model(trained), parts.model
     elif (folder / EXPORT_META).is_file():
         meta = json.loads((folder / EXPORT_META).read_text())
+        if "base_model" not in meta:
+            raise ValueError(f"{folder / EXPORT_META} names no base_model; export the run again with `mixgrpo export`")
         pipeline = Path(meta["base_model"])
         kind = pipeline_kind(pipeline)
+        weights_dtype = _DTYPES[dtype or "float32"]
         size = image_size or meta.get("image_size")
         if size is None:
             raise ValueError(f"{folder / EXPORT_META} does not record the image size; pass --image-size")
         guidance = flux_guidance if flux_guidance is not None else meta.get("flux_guidance", 3.5)
-        parts = load_diffusers_model(kind, pipeline, image_size=size, device=device, flux_guidance=guidance)
+        parts = load_diffusers_model(kind, pipeline, image_size=size, device=device, flux_guidance=guidance,
+                                     dtype=weights_dtype)
         shift, source = meta.get("shift", "scheduler"), str(folder)
         length = meta.get("max_sequence_length")
         if (folder / LORA_FILE).is_file():
@@ -130,13 +146,15 @@ def load_diffusers_policy(folder: Path, name: str, *, embeddings: str | Path | N
                         _lora_state(folder / LORA_FILE), folder / LORA_FILE)
             model, base = parts.model, _AdapterOff(parts.model)
         else:
-            model, base = parts.velocity_model(load_transformer_of(kind, folder / "transformer")), parts.model
+            trained = load_transformer_of(kind, folder / "transformer", weights_dtype)
+            model, base = parts.velocity_model(trained), parts.model
     else:  # a pipeline folder: the base model
         kind = pipeline_kind(folder)
         if image_size is None:
             raise ValueError(f"sampling the pipeline in {folder} needs --image-size (pixels per side)")
         parts = load_diffusers_model(kind, folder, image_size=image_size, device=device,
-                                     flux_guidance=3.5 if flux_guidance is None else flux_guidance)
+                                     flux_guidance=3.5 if flux_guidance is None else flux_guidance,
+                                     dtype=_DTYPES[dtype or "float32"])
         model = base = parts.model
         shift, source = "scheduler", str(folder)
     if shift == "scheduler":

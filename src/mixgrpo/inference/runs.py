@@ -43,6 +43,7 @@ class RunModel:
     embeddings: str | None = None  # flux/sd3: the training prompts' `mixgrpo preprocess` folder
     eval_embeddings: str | None = None  # flux/sd3: the held-out prompts' (None: `embeddings`)
     shift: float | str = 3.0  # the run's sampler.shift (a number, or "scheduler")
+    dtype: str = "float32"  # the run's model.dtype (flux/sd3: bfloat16 samples with bf16 weights)
 
 
 def read_run_model(folder: str | Path) -> RunModel:
@@ -68,7 +69,7 @@ def read_run_model(folder: str | Path) -> RunModel:
                         lora_rank=int(model.get("lora_rank", 0)), lora_alpha=float(model.get("lora_alpha", 16.0)),
                         lora_targets=list(model.get("lora_targets") or []), image_size=int(model.get("image_size", 512)),
                         flux_guidance=float(model.get("flux_guidance", 3.5)), embeddings=model.get("embeddings"),
-                        eval_embeddings=model.get("eval_embeddings"),
+                        eval_embeddings=model.get("eval_embeddings"), dtype=str(model.get("dtype", "float32")),
                         shift=shift if shift == "scheduler" else float(shift))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: bad model section ({err})") from None
