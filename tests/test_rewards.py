@@ -123,3 +123,17 @@ def test_colour_palette_is_well_separated():
     rgb = np.array(list(COLOURS.values()), dtype=float)
     distances = np.linalg.norm(rgb[:, None] - rgb[None], axis=-1)
     assert distances[~np.eye(len(rgb), dtype=bool)].min() > 90  # > 2x the verifier's tolerance / 2
+
+
+def test_centring_known_answers():
+    """A centred square scores 1, the same square off centre less, an empty image 0."""
+    from mixgrpo.rewards import get_reward
+    from mixgrpo.world.grammar import BACKGROUND
+
+    reward = get_reward("centring")
+    images = (torch.tensor(BACKGROUND, dtype=torch.float32) / 255).view(1, 3, 1, 1).repeat(3, 1, 32, 32)
+    images[0, :, 12:20, 12:20] = 1.0  # centred: centroid (16, 16)
+    images[1, :, 8:16, 8:16] = 1.0  # off centre: centroid (12, 12), 4 sqrt(2) px from the centre
+    r = reward(images, ["p"] * 3)
+    assert r[0].item() == pytest.approx(1.0, abs=1e-6) and r[2].item() == 0.0
+    assert r[1].item() == pytest.approx(1 - 4 * 2**0.5 / 16, abs=1e-5)

@@ -9,6 +9,7 @@ from .base import (
     score,
     validate_reward_output,
 )
+from .centring import CentringReward
 from .composition import CompositionReward
 from .composition_v1 import CompositionV1Reward
 from .flatness import FlatnessReward
@@ -19,6 +20,7 @@ from .vlm_judge import VLMJudgeReward
 
 __all__ = [
     "CLIPScoreReward",
+    "CentringReward",
     "CompositionReward",
     "CompositionV1Reward",
     "FlatnessReward",
