@@ -26,16 +26,30 @@ import json
 import statistics
 from pathlib import Path
 
-ARMS = {
-    "static": [],
-    "progress": ["weighting.name=progress"],
-    "gradient": ["weighting.name=gradient"],
-    "constraint": ["weighting.name=constraint", "weighting.primary=composition", "weighting.floors={flatness: 0.95}"],
+REWARDS = {  # reward sets: name -> weight (the static weights every arm starts from)
+    "two": {"composition": 1.0, "flatness": 0.25},
+    "three": {"composition": 1.0, "flatness": 0.25, "centring": 0.25},
 }
-SHARED = ["rewards={composition: 1.0, flatness: 0.25}", "model.dtype=bfloat16", "eval_every=60", "eval_prompts=16"]
+SHARED = ["model.dtype=bfloat16", "eval_every=60", "eval_prompts=16"]
 
 
-def run(arm: str, seed: int, out: Path) -> None:
+def arms(rewards: str) -> dict[str, list[str]]:
+    """The weighting arms for a reward set; constraint floors every reward but composition at 0.95."""
+    floors = ", ".join(f"{n}: 0.95" for n in REWARDS[rewards] if n != "composition")
+    spec = "rewards={" + ", ".join(f"{n}: {w}" for n, w in REWARDS[rewards].items()) + "}"
+    return {
+        "static": [spec],
+        "progress": [spec, "weighting.name=progress"],
+        "gradient": [spec, "weighting.name=gradient"],
+        "constraint": [spec, "weighting.name=constraint", "weighting.primary=composition",
+                       f"weighting.floors={{{floors}}}"],
+    }
+
+
+ARMS = arms("two")
+
+
+def run(arm: str, seed: int, out: Path, rewards: str = "two") -> None:
     from mixgrpo.inference.evaluate import evaluate_policy
     from mixgrpo.inference.policy import load_policy
     from mixgrpo.train.config import apply_overrides
@@ -44,12 +58,12 @@ def run(arm: str, seed: int, out: Path) -> None:
     from mixgrpo.world.grammar import heldout_eval_prompts
 
     folder = out / f"{arm}_s{seed}"
-    cfg = apply_overrides(make_preset("mixgrpo"), [*SHARED, f"seed={seed}", *ARMS[arm]])
+    cfg = apply_overrides(make_preset("mixgrpo"), [*SHARED, f"seed={seed}", *arms(rewards)[arm]])
     train(cfg, folder, resume=(folder / "checkpoints").is_dir())
     policy = load_policy(folder)
     prompts = heldout_eval_prompts(256)
     for blend in (0.0, 0.2) if arm == "static" else (0.0,):
-        result = evaluate_policy(policy, prompts, ["composition", "flatness"], blend=blend)
+        result = evaluate_policy(policy, prompts, list(REWARDS[rewards]), blend=blend)
         (folder / f"heldout_blend{blend:g}.json").write_text(json.dumps(result) + "\n")
 
 
@@ -58,14 +72,14 @@ def base(out: Path) -> None:
     from mixgrpo.inference.policy import load_policy
     from mixgrpo.world.grammar import heldout_eval_prompts
 
-    result = evaluate_policy(load_policy("base"), heldout_eval_prompts(256), ["composition", "flatness"])
+    result = evaluate_policy(load_policy("base"), heldout_eval_prompts(256), list(REWARDS["three"]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "base_heldout.json").write_text(json.dumps(result) + "\n")
 
 
 def _per_prompt(folder: Path, blend: float = 0.0) -> dict[str, list[float]]:
     rows = json.loads((folder / f"heldout_blend{blend:g}.json").read_text())["per_prompt"]
-    return {k: [r[k] for r in rows] for k in ("composition", "flatness")}
+    return {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
 
 
 def _ci(values: list[float]) -> tuple[float, float | None]:
@@ -86,7 +100,7 @@ def report(out: Path) -> None:
     seeds = sorted({int(p.name.rsplit("_s", 1)[1]) for p in out.glob("static_s*") if (p / "heldout_blend0.json").is_file()})
     base_rewards = json.loads((out / "base_heldout.json").read_text())["rewards"]
     base_eval = {f"reward_{k}": v["mean"] for k, v in base_rewards.items()}
-    rows = []
+    rows, names = [], []
     variants = [(arm, 0.0) for arm in ARMS] + [("static", 0.2)]
     for arm, blend in variants:
         folders = [out / f"{arm}_s{s}" for s in seeds]
@@ -94,27 +108,30 @@ def report(out: Path) -> None:
             continue
         scores = [_per_prompt(f, blend) for f in folders]
         refs = [_per_prompt(out / f"static_s{s}") for s in seeds]
+        names = list(scores[0])
         metrics = [[json.loads(x) for x in (f / "metrics.jsonl").read_text().splitlines()] for f in folders]
         row = {"arm": arm if blend == 0 else f"static + blend {blend:g}", "seeds": seeds,
                "iter_time_s": statistics.fmean(m["iter_time_s"] for ms in metrics for m in ms)}
-        for name in ("composition", "flatness"):
+        for name in names:
             row[name] = _ci([statistics.fmean(s[name]) for s in scores])
             row[f"{name}_vs_static"] = _ci([statistics.fmean(a - b for a, b in zip(s[name], r[name], strict=True))
                                             for s, r in zip(scores, refs, strict=True)])
-        weights = [ms[-1].get("weight_flatness") for ms in metrics]
-        row["final_weight_flatness"] = statistics.fmean(weights) if None not in weights else None
+            weights = [ms[-1].get(f"weight_{name}") for ms in metrics]
+            row[f"final_weight_{name}"] = statistics.fmean(weights) if None not in weights else None
         rows.append(row)
     static_time = next(r["iter_time_s"] for r in rows if r["arm"] == "static")
     fmt = lambda m: f"{m[0]:.3f}" + (f" ± {m[1]:.3f}" if m[1] is not None else "")  # noqa: E731
-    lines = [f"Base: composition {base_eval['reward_composition']:.3f}, "
-             f"flatness {base_eval['reward_flatness']:.3f}; {len(seeds)} seed(s), 256 held-out prompts, ± = 95% t over seeds.", "",
-             "| arm | composition | Δ vs static | flatness | Δ vs static | flatness / base | final flatness weight | iter time / static |",
-             "|---|---|---|---|---|---|---|---|"]
+    others = [n for n in names if n != "composition"]
+    lines = ["Base: " + ", ".join(f"{n} {base_eval[f'reward_{n}']:.3f}" for n in names)
+             + f"; {len(seeds)} seed(s), 256 held-out prompts, ± = 95% t over seeds; Δ: paired by seed and prompt.", "",
+             "| arm | " + " | ".join(f"{n} | Δ vs static" for n in names) + " | "
+             + " | ".join(f"{n} / base" for n in others) + " | final weights | iter time / static |",
+             "|---|" + "---|---|" * len(names) + "---|" * len(others) + "---|---|"]
     for r in rows:
-        w = r["final_weight_flatness"]
-        lines.append(f"| {r['arm']} | {fmt(r['composition'])} | {fmt(r['composition_vs_static'])} | {fmt(r['flatness'])} | "
-                     f"{fmt(r['flatness_vs_static'])} | {r['flatness'][0] / base_eval['reward_flatness']:.3f} | "
-                     f"{'' if w is None else f'{w:.3f}'} | {r['iter_time_s'] / static_time:.2f} |")
+        weights = ", ".join(f"{n[:4]} {r[f'final_weight_{n}']:.2f}" for n in names if r[f"final_weight_{n}"] is not None)
+        lines.append(f"| {r['arm']} | " + " | ".join(f"{fmt(r[n])} | {fmt(r[f'{n}_vs_static'])}" for n in names) + " | "
+                     + " | ".join(f"{r[n][0] / base_eval[f'reward_{n}']:.3f}" for n in others)
+                     + f" | {weights} | {r['iter_time_s'] / static_time:.2f} |")
     (out / "weighting.md").write_text("\n".join(lines) + "\n")
     (out / "weighting.json").write_text(json.dumps({"base": base_eval, "rows": rows}, indent=1) + "\n")
     fig, ax = plt.subplots(figsize=(5, 4), dpi=110)
@@ -137,11 +154,12 @@ def main() -> None:
     parser.add_argument("--arm", choices=list(ARMS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/weighting"))
+    parser.add_argument("--rewards", choices=list(REWARDS), default="two", help="reward set of the arms")
     args = parser.parse_args()
     if args.command == "run":
         if args.arm is None:
             parser.error("run needs --arm")
-        run(args.arm, args.seed, args.out)
+        run(args.arm, args.seed, args.out, args.rewards)
     elif args.command == "base":
         base(args.out)
     else:
