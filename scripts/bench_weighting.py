@@ -3,6 +3,7 @@ flatness (clean images), MixGRPO at the demo's budget.
 
     python scripts/bench_weighting.py run --arm static --seed 0 --out runs/weighting   # each arm x seed
     python scripts/bench_weighting.py base --out runs/weighting     # the shipped base, same protocol
+    python scripts/bench_weighting.py cost --out runs/weighting     # seconds per iteration, arms interleaved
     python scripts/bench_weighting.py report --out runs/weighting   # table, Pareto plot, JSON
 
 Arms share seeds, prompts and noise; every arm starts from the shipped base with static weights
@@ -67,6 +68,34 @@ def run(arm: str, seed: int, out: Path, rewards: str = "two") -> None:
         (folder / f"heldout_blend{blend:g}.json").write_text(json.dumps(result) + "\n")
 
 
+def cost(out: Path, rewards: str = "two", iterations: int = 6) -> None:
+    """Seconds per iteration of every arm, measured in one process with the arms interleaved
+    iteration by iteration (so machine load hits them alike); writes ``cost.json``."""
+    import time
+
+    import torch
+
+    from mixgrpo.train.config import apply_overrides
+    from mixgrpo.train.presets import make_preset
+    from mixgrpo.train.trainer import GRPOTrainer
+
+    torch.set_num_threads(1)
+    trainers = {arm: GRPOTrainer(apply_overrides(make_preset("mixgrpo"), [*SHARED, *extra]))
+                for arm, extra in arms(rewards).items()}
+    seconds: dict[str, list[float]] = {arm: [] for arm in trainers}
+    for it in range(iterations):
+        for arm, trainer in trainers.items():
+            start = time.perf_counter()
+            trainer.step(it)
+            seconds[arm].append(time.perf_counter() - start)
+    mean = {arm: statistics.fmean(v[1:]) for arm, v in seconds.items()}  # the first iteration warms up
+    result = {"iterations": iterations, "seconds": seconds, "mean_s": mean,
+              "ratio_vs_static": {arm: m / mean["static"] for arm, m in mean.items()}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cost.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["ratio_vs_static"], indent=1))
+
+
 def base(out: Path) -> None:
     from mixgrpo.inference.evaluate import evaluate_policy
     from mixgrpo.inference.policy import load_policy
@@ -110,8 +139,7 @@ def report(out: Path) -> None:
         refs = [_per_prompt(out / f"static_s{s}") for s in seeds]
         names = list(scores[0])
         metrics = [[json.loads(x) for x in (f / "metrics.jsonl").read_text().splitlines()] for f in folders]
-        row = {"arm": arm if blend == 0 else f"static + blend {blend:g}", "seeds": seeds,
-               "iter_time_s": statistics.fmean(m["iter_time_s"] for ms in metrics for m in ms)}
+        row = {"arm": arm if blend == 0 else f"static + blend {blend:g}", "seeds": seeds}
         for name in names:
             row[name] = _ci([statistics.fmean(s[name]) for s in scores])
             row[f"{name}_vs_static"] = _ci([statistics.fmean(a - b for a, b in zip(s[name], r[name], strict=True))
@@ -119,19 +147,20 @@ def report(out: Path) -> None:
             weights = [ms[-1].get(f"weight_{name}") for ms in metrics]
             row[f"final_weight_{name}"] = statistics.fmean(weights) if None not in weights else None
         rows.append(row)
-    static_time = next(r["iter_time_s"] for r in rows if r["arm"] == "static")
+    ratio = json.loads((out / "cost.json").read_text())["ratio_vs_static"] if (out / "cost.json").is_file() else {}
     fmt = lambda m: f"{m[0]:.3f}" + (f" ± {m[1]:.3f}" if m[1] is not None else "")  # noqa: E731
     others = [n for n in names if n != "composition"]
     lines = ["Base: " + ", ".join(f"{n} {base_eval[f'reward_{n}']:.3f}" for n in names)
              + f"; {len(seeds)} seed(s), 256 held-out prompts, ± = 95% t over seeds; Δ: paired by seed and prompt.", "",
              "| arm | " + " | ".join(f"{n} | Δ vs static" for n in names) + " | "
-             + " | ".join(f"{n} / base" for n in others) + " | final weights | iter time / static |",
+             + " | ".join(f"{n} / base" for n in others) + " | final weights | iteration time / static (`cost`) |",
              "|---|" + "---|---|" * len(names) + "---|" * len(others) + "---|---|"]
     for r in rows:
         weights = ", ".join(f"{n[:4]} {r[f'final_weight_{n}']:.2f}" for n in names if r[f"final_weight_{n}"] is not None)
+        cost_cell = f"{ratio[r['arm']]:.2f}" if r["arm"] in ratio else "as static"
         lines.append(f"| {r['arm']} | " + " | ".join(f"{fmt(r[n])} | {fmt(r[f'{n}_vs_static'])}" for n in names) + " | "
                      + " | ".join(f"{r[n][0] / base_eval[f'reward_{n}']:.3f}" for n in others)
-                     + f" | {weights} | {r['iter_time_s'] / static_time:.2f} |")
+                     + f" | {weights} | {cost_cell} |")
     (out / "weighting.md").write_text("\n".join(lines) + "\n")
     (out / "weighting.json").write_text(json.dumps({"base": base_eval, "rows": rows}, indent=1) + "\n")
     fig, ax = plt.subplots(figsize=(5, 4), dpi=110)
@@ -150,7 +179,7 @@ def report(out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["run", "base", "report"])
+    parser.add_argument("command", choices=["run", "base", "cost", "report"])
     parser.add_argument("--arm", choices=list(ARMS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/weighting"))
@@ -162,6 +191,8 @@ def main() -> None:
         run(args.arm, args.seed, args.out, args.rewards)
     elif args.command == "base":
         base(args.out)
+    elif args.command == "cost":
+        cost(args.out, args.rewards)
     else:
         report(args.out)
 
