@@ -157,7 +157,7 @@ def report(out: Path) -> None:
              "|---|" + "---|---|" * len(names) + "---|" * len(others) + "---|---|"]
     for r in rows:
         weights = ", ".join(f"{n[:4]} {r[f'final_weight_{n}']:.2f}" for n in names if r[f"final_weight_{n}"] is not None)
-        cost_cell = f"{ratio[r['arm']]:.2f}" if r["arm"] in ratio else "as static"
+        cost_cell = f"{ratio[r['arm']]:.2f}" if r["arm"] in ratio else "as static" if "blend" in r["arm"] else "not measured"
         lines.append(f"| {r['arm']} | " + " | ".join(f"{fmt(r[n])} | {fmt(r[f'{n}_vs_static'])}" for n in names) + " | "
                      + " | ".join(f"{r[n][0] / base_eval[f'reward_{n}']:.3f}" for n in others)
                      + f" | {weights} | {cost_cell} |")
