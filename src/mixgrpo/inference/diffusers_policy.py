@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.lora import adapters_disabled, add_lora
+from ..models.lora import add_lora, in_place_lora_names
 from ..text.encoder import default_cache_dir
 from .diffusers_models import (
     DiffusersModel,
@@ -35,7 +35,7 @@ from .diffusers_models import (
     scheduler_shift,
     to_device,
 )
-from .policy_base import Policy
+from .policy_base import AdapterOff, Policy
 from .runs import latest_run_weights, load_named, load_safetensors, pick_weights, read_run_model
 
 __all__ = ["EXPORT_META", "load_diffusers_policy"]
@@ -43,18 +43,6 @@ __all__ = ["EXPORT_META", "load_diffusers_policy"]
 EXPORT_META = "mixgrpo_export.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LORA_FILE = "pytorch_lora_weights.safetensors"
-
-
-class _AdapterOff(nn.Module):
-    """The base of a LoRA policy: the same network with its adapter switched off."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model, self.config = model, model.config
-
-    def velocity(self, x, t, cond, guidance: float = 1.0):
-        with adapters_disabled(self.model):
-            return self.model.velocity(x, t, cond, guidance)
 
 
 class _Offloaded(nn.Module):
@@ -71,13 +59,6 @@ class _Offloaded(nn.Module):
             other.to("cpu")
         self.model.to(self.device)
         return self.model.velocity(x, t, cond, guidance)
-
-
-def _lora_state(path: Path) -> dict[str, torch.Tensor]:
-    """diffusers' LoRA keys (``transformer.<module>.lora_A.weight``) as our in-place peft names."""
-    state = load_safetensors(path)
-    return {k.removeprefix("transformer.").replace(".lora_A.weight", ".lora_A.default.weight")
-            .replace(".lora_B.weight", ".lora_B.default.weight"): v for k, v in state.items()}
 
 
 def _apply_lora(parts: DiffusersModel, rank: int, alpha: float, targets: list[str] | None,
@@ -120,7 +101,7 @@ def load_diffusers_policy(folder: Path, name: str, *, embeddings: str | Path | N
         shift = m.shift
         if m.lora_rank > 0:
             _apply_lora(parts, m.lora_rank, m.lora_alpha, m.lora_targets, weights, ckpt)
-            model, base = parts.model, _AdapterOff(parts.model)
+            model, base = parts.model, AdapterOff(parts.model)
         else:
             trained = load_transformer_of(m.kind, pipeline)  # fp32, as the checkpoint's master weights
             load_named(trained, [n for n, _ in trained.named_parameters()], weights, ckpt)
@@ -143,8 +124,8 @@ def load_diffusers_policy(folder: Path, name: str, *, embeddings: str | Path | N
         length = meta.get("max_sequence_length")
         if (folder / LORA_FILE).is_file():
             _apply_lora(parts, int(meta["rank"]), float(meta["alpha"]), meta.get("targets"),
-                        _lora_state(folder / LORA_FILE), folder / LORA_FILE)
-            model, base = parts.model, _AdapterOff(parts.model)
+                        in_place_lora_names(load_safetensors(folder / LORA_FILE), "transformer."), folder / LORA_FILE)
+            model, base = parts.model, AdapterOff(parts.model)
         else:
             trained = load_transformer_of(kind, folder / "transformer", weights_dtype)
             model, base = parts.velocity_model(trained), parts.model
@@ -159,14 +140,14 @@ def load_diffusers_policy(folder: Path, name: str, *, embeddings: str | Path | N
         shift, source = "scheduler", str(folder)
     if shift == "scheduler":
         shift = scheduler_shift(parts.folder, parts.latent_size)
-    if base is not model and not isinstance(base, _AdapterOff) and offload:
+    second_network = base is not model and not isinstance(base, AdapterOff)  # a full fine-tune's base
+    if second_network and offload:
         model, base = _Offloaded(model, device), _Offloaded(base, device)
         model.others, base.others = (base.model,), (model.model,)
         base.model.to("cpu")
     else:
         model.to(device)
-        if base is not model and not isinstance(base, _AdapterOff):
-            base.to(device)
+        base.to(device)  # the same network (or its adapter-off view) costs nothing more
     model.eval()
     base.eval()
     conditions = _Conditions(parts, embeddings, known, cache_dir, device, length)

@@ -116,8 +116,7 @@ def build_rewards(names: Sequence[str], options: Mapping[str, Any] | None = None
         try:
             built[name] = get_reward(name, **kwargs)
         except RewardOptionsError as err:  # a missing or unknown constructor option
-            takes = str(err).split(" (set them as")[0]
-            raise ValueError(f"{takes}: give them in --reward-options FILE (YAML: {{{name}: {{path: ...}}}})") from None
+            raise ValueError(f"{err.problem}: give them in --reward-options FILE (YAML: {{{name}: {{path: ...}}}})") from None
     return built
 
 

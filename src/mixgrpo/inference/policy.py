@@ -23,13 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..models.checkpoint import (
     BASE_CHECKPOINT,
     CONFIG,
     WEIGHTS,
-    EmbeddedModel,
     load_embedded,
     read_config,
     save_embedded,
@@ -37,29 +34,17 @@ from ..models.checkpoint import (
 from ..models.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    adapters_disabled,
     add_lora,
     has_lora,
+    in_place_lora_names,
     merged_state_dict,
     save_peft_adapter,
 )
-from ..models.tiny_dit import TextCondition
-from .policy_base import Policy
+from .policy_base import AdapterOff, Policy
 from .runs import latest_run_weights, load_named, load_safetensors, pick_weights
 
 __all__ = ["Policy", "export_run", "load_policy"]
 
-
-
-class _AdapterOff:
-    """The base model of a LoRA policy: the same network, adapter switched off."""
-
-    def __init__(self, model: EmbeddedModel):
-        self.model, self.config = model, model.config
-
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition, guidance: float = 1.0) -> torch.Tensor:
-        with adapters_disabled(self.model):
-            return self.model.velocity(x, t, cond, guidance)
 
 
 def _resolve_base(spec: str | None) -> Path:
@@ -81,7 +66,7 @@ def _load_run(folder: Path, name: str, ema: bool, on_note: Callable[[str], None]
     weights, which = pick_weights(state, ema)
     load_named(model, names, weights, ckpt)
     model.eval()
-    return Policy(name, model, _AdapterOff(model) if m.lora_rank > 0 else base, f"{ckpt} ({which}weights)")
+    return Policy(name, model, AdapterOff(model) if m.lora_rank > 0 else base, f"{ckpt} ({which}weights)")
 
 
 def _load_adapter(folder: Path, name: str) -> Policy:
@@ -92,11 +77,9 @@ def _load_adapter(folder: Path, name: str) -> Policy:
         raise ValueError(f"{folder / ADAPTER_CONFIG} is not a LoRA adapter config ({err})") from err
     model = add_lora(load_embedded(_resolve_base(base_spec)), rank, alpha)
     state = load_safetensors(folder / ADAPTER_WEIGHTS)
-    # peft format: base_model.model.<module>.lora_A.weight -> our in-place names
-    state = {k.removeprefix("base_model.model.").replace(".lora_A.weight", ".lora_A.default.weight")
-             .replace(".lora_B.weight", ".lora_B.default.weight"): v for k, v in state.items()}
+    state = in_place_lora_names(state, "base_model.model.")  # peft's file keys
     load_named(model, [n for n, _ in model.named_parameters() if "lora_" in n], state, folder / ADAPTER_WEIGHTS)
-    return Policy(name, model.eval(), _AdapterOff(model), str(folder))
+    return Policy(name, model.eval(), AdapterOff(model), str(folder))
 
 
 def load_policy(spec: str | Path, *, ema: bool = True, on_note: Callable[[str], None] | None = None,

@@ -10,10 +10,11 @@ from typing import Any
 import torch
 
 from ..models.checkpoint import EmbeddedModel
+from ..models.lora import adapters_disabled
 from ..models.tiny_dit import TextCondition
 from ..text import PromptEmbeddings, cached_embeddings
 
-__all__ = ["Policy"]
+__all__ = ["AdapterOff", "Policy"]
 
 
 @dataclass
@@ -44,3 +45,16 @@ class Policy:
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition, guidance: float = 1.0) -> torch.Tensor:
         return self.model.velocity(x, t, cond, guidance)
+
+
+class AdapterOff(torch.nn.Module):
+    """The base model of a LoRA policy: the same network with its adapter switched off (no
+    second copy of the weights)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Any, guidance: float = 1.0) -> torch.Tensor:
+        with adapters_disabled(self.model):
+            return self.model.velocity(x, t, cond, guidance)

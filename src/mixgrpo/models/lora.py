@@ -55,6 +55,13 @@ def _tuner_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
+def in_place_lora_names(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Saved LoRA keys (``<prefix><module>.lora_A.weight``: peft's ``base_model.model.``, diffusers'
+    ``transformer.``) as the names :func:`add_lora`'s in-place adapter gives the parameters."""
+    return {k.removeprefix(prefix).replace(".lora_A.weight", ".lora_A.default.weight")
+            .replace(".lora_B.weight", ".lora_B.default.weight"): v for k, v in state.items()}
+
+
 def has_lora(model: nn.Module) -> bool:
     return any("lora_" in name for name, _ in model.named_parameters())
 

@@ -75,7 +75,12 @@ def list_rewards() -> list[str]:
 
 
 class RewardOptionsError(ValueError):
-    """A reward's constructor options do not fit its signature (missing or unknown ones)."""
+    """A reward's constructor options do not fit its signature (missing or unknown ones).
+    ``problem`` is the message without the hint on where options go, for callers with their own."""
+
+    def __init__(self, problem: str, hint: str):
+        super().__init__(f"{problem} ({hint})")
+        self.problem = problem
 
 
 def get_reward(name: str, **kwargs) -> Reward:
@@ -101,8 +106,9 @@ def get_reward(name: str, **kwargs) -> Reward:
             signature.bind(**kwargs)
         except TypeError:
             takes = [p for p in signature.parameters if p not in ("self", "args", "kwargs")]
-            raise RewardOptionsError(f"reward {name!r} takes options {', '.join(takes) or '(none)'}; got {', '.join(kwargs) or '(none)'} "
-                             f"(set them as rewards: {{{name}: {{weight: 1, <option>: ...}}}})") from None
+            raise RewardOptionsError(f"reward {name!r} takes options {', '.join(takes) or '(none)'}; got "
+                                     f"{', '.join(kwargs) or '(none)'}",
+                                     f"set them as rewards: {{{name}: {{weight: 1, <option>: ...}}}}") from None
     return factory(**kwargs)
 
 

@@ -177,8 +177,7 @@ class GRPOTrainer:
         """Group advantages; with ``loss.ovf_keep = k`` only the k members of each group whose
         combined reward has maximal variance (Pro-GRPO's OVF) get one, the rest are not trained."""
         loss, g = self.cfg.loss, group_size or self.cfg.group_size
-        options = dict(mode=loss.multi_reward_mode, std_mode=loss.std_mode, eps=loss.adv_eps, clip=loss.adv_clip,
-                       trimmed_ratio=loss.trimmed_ratio, unbiased=loss.std_unbiased)
+        options = dict(mode=loss.multi_reward_mode, **self._normalisation())
         weights = self.weighting.weights()  # the config's, or this iteration's dynamic ones
         if loss.ovf_keep is None:
             return multi_reward_advantages(rewards, weights, g, **options)
@@ -217,14 +216,19 @@ class GRPOTrainer:
     def update_rule(self):
         return forward_update if self.cfg.loss.objective != "grpo" else grpo_update
 
+    def _normalisation(self) -> dict[str, Any]:
+        """How group advantages are normalised and clipped (``loss.*``), for one reward or several."""
+        lc = self.cfg.loss
+        return dict(std_mode=lc.std_mode, eps=lc.adv_eps, clip=lc.adv_clip, trimmed_ratio=lc.trimmed_ratio,
+                    unbiased=lc.std_unbiased)
+
     def per_reward_advantages(self, rewards: dict[str, torch.Tensor], g: int, signal: torch.Tensor) -> list[Advantages]:
         """Each reward's own group advantages (``weighting.name=gradient``), in the weighting's order;
         ``signal`` replaces ``valid`` for forward-process objectives (they train every finite sample)."""
         lc = self.cfg.loss
         out = []
         for name in self.weighting.names:
-            a = group_advantages(rewards[name], g, std_mode=lc.std_mode, eps=lc.adv_eps, clip=lc.adv_clip,
-                                 trimmed_ratio=lc.trimmed_ratio, unbiased=lc.std_unbiased)
+            a = group_advantages(rewards[name], g, **self._normalisation())
             out.append(Advantages(a.advantages, signal if lc.objective != "grpo" else a.valid,
                                   a.num_zero_variance_groups))
         return out
