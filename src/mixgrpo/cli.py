@@ -216,9 +216,10 @@ def sample(
         _parse_blends(str(blend))
         policy = load_policy(checkpoint, on_note=_note,
                              **_diffusers_options(embeddings, image_size, flux_guidance, device, offload, dtype))
+        policy.check_guidance(cfg)
         images = generate_prompts(policy, policy.conditions(chosen), chosen, seed=seed, steps=steps, solver=solver,
                                   guidance=cfg, blend=blend, base=policy.base, decode=policy.decode,
-                                  shift=policy.shift if shift is None else shift, device=policy.device)
+                                  shift=policy.grid_shift(steps) if shift is None else shift, device=policy.device)
         save_image_grid(out, images, chosen)
         if images_dir is not None:
             save_images(images_dir, images)

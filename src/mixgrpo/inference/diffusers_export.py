@@ -1,4 +1,4 @@
-"""Export a FLUX / SD3 run in the formats diffusers reads.
+"""Export a FLUX.1 / FLUX.2 / SD3 / Qwen-Image run in the formats diffusers reads.
 
 * LoRA, ``lora="adapter"``: ``pytorch_lora_weights.safetensors`` written by the pipeline
   class's own ``save_lora_weights`` (keys ``transformer.<module>.lora_A.weight``), so
@@ -18,13 +18,16 @@ from pathlib import Path
 
 from ..models.diffusers_io import load_transformer
 from ..models.lora import add_lora, lora_config, merged_state_dict
+from .diffusers_models import lora_targets
 from .runs import latest_run_weights, load_named, pick_weights, read_run_model
 
 __all__ = ["LORA_WEIGHTS", "export_diffusers_run"]
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_lora_weights looks for
 _CLASSES = {"flux": ("FluxTransformer2DModel", "FluxPipeline"),
-            "sd3": ("SD3Transformer2DModel", "StableDiffusion3Pipeline")}
+            "sd3": ("SD3Transformer2DModel", "StableDiffusion3Pipeline"),
+            "qwen-image": ("QwenImageTransformer2DModel", "QwenImagePipeline"),
+            "flux2": ("Flux2Transformer2DModel", "Flux2Pipeline")}
 
 
 def export_diffusers_run(run: Path, out: Path, *, lora: str, ema: bool = True, on_note=None) -> Path:
@@ -39,10 +42,7 @@ def export_diffusers_run(run: Path, out: Path, *, lora: str, ema: bool = True, o
     weights = {k.removeprefix("transformer."): v for k, v in weights.items()}
     transformer = load_transformer(m.path, transformer_class)
     if m.lora_rank > 0:
-        from ..models.flux import FLUX_LORA_TARGETS
-        from ..models.sd3 import SD3_LORA_TARGETS
-
-        targets = m.lora_targets or (FLUX_LORA_TARGETS if m.kind == "flux" else SD3_LORA_TARGETS)
+        targets = m.lora_targets or lora_targets(m.kind)
         add_lora(transformer, m.lora_rank, m.lora_alpha, targets)
         load_named(transformer, [n for n, _ in transformer.named_parameters() if "lora_" in n], weights, ckpt)
     else:

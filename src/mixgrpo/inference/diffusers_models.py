@@ -1,7 +1,8 @@
-"""FLUX / SD3 for inference: the velocity model, its VAE decoder, its scheduler's time shift and
-prompt conditions from `mixgrpo preprocess` folders, loaded from local diffusers folders.
+"""FLUX.1, FLUX.2, SD3 and Qwen-Image for inference: the velocity model, its VAE decoder, its
+scheduler's time shift and prompt conditions from `mixgrpo preprocess` folders, loaded from local
+diffusers folders.
 
-Training (:mod:`mixgrpo.train.backends`) builds its FLUX/SD3 backend from the same pieces, so
+Training (:mod:`mixgrpo.train.backends`) builds its diffusers backend from the same pieces, so
 ``sample`` and ``eval`` see the model exactly as the trainer did.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -20,11 +22,30 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DiffusersModel", "EmbeddingConditions", "encode_or_load_embeddings", "load_diffusers_model",
-           "scheduler_shift", "to_device", "vae_decoder"]
+__all__ = ["DEFAULT_GUIDANCE", "DiffusersModel", "EmbeddingConditions", "encode_or_load_embeddings",
+           "load_diffusers_model", "lora_targets", "make_velocity_model", "scheduler_shift", "to_device", "vae_decoder"]
 
-TRANSFORMERS = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel"}
-PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+logger = logging.getLogger(__name__)
+
+TRANSFORMERS = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
+                "qwen-image": "QwenImageTransformer2DModel", "flux2": "Flux2Transformer2DModel"}
+PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "QwenImagePipeline": "qwen-image",
+             "Flux2Pipeline": "flux2"}
+VAES = {"flux": "AutoencoderKL", "sd3": "AutoencoderKL", "qwen-image": "AutoencoderKLQwenImage",
+        "flux2": "AutoencoderKLFlux2"}
+# the distilled guidance a pipeline folder samples with when none is given (each pipeline's default)
+DEFAULT_GUIDANCE = {"flux": 3.5, "flux2": 4.0}
+
+
+def lora_targets(kind: str) -> list[str]:
+    """The default LoRA target modules of a diffusers ``kind``."""
+    from ..models.flux import FLUX_LORA_TARGETS
+    from ..models.flux2 import FLUX2_LORA_TARGETS
+    from ..models.qwen_image import QWEN_IMAGE_LORA_TARGETS
+    from ..models.sd3 import SD3_LORA_TARGETS
+
+    return list({"flux": FLUX_LORA_TARGETS, "sd3": SD3_LORA_TARGETS, "qwen-image": QWEN_IMAGE_LORA_TARGETS,
+                 "flux2": FLUX2_LORA_TARGETS}[kind])
 
 
 def to_device(cond: Any, device: torch.device | str) -> Any:
@@ -34,42 +55,97 @@ def to_device(cond: Any, device: torch.device | str) -> Any:
     return dataclasses.replace(cond, **moved)
 
 
-def scheduler_shift(pipeline_dir: Path, latent_size: int) -> float:
+def scheduler_shift(pipeline_dir: Path, latent_size: int, num_steps: int | None = None) -> float:
     """The shift ``s`` of ``t' = s t / (1 + (s - 1) t)`` the pipeline's scheduler uses.
 
-    SD3: the config's ``shift``. FLUX (``use_dynamic_shifting``): ``mu`` interpolated
-    linearly in the image token count ``(latent / 2)^2`` between ``base_shift`` at
+    SD3: the config's ``shift``. FLUX.1 and Qwen-Image (``use_dynamic_shifting``): ``mu``
+    interpolated linearly in the image token count ``(latent / 2)^2`` between ``base_shift`` at
     ``base_image_seq_len`` and ``max_shift`` at ``max_image_seq_len`` (diffusers'
-    ``calculate_shift``), then ``s = exp(mu)`` (``s = mu`` for ``time_shift_type: linear``)."""
+    ``calculate_shift``), then ``s = exp(mu)`` (``s = mu`` for ``time_shift_type: linear``).
+    FLUX.2 ignores those four numbers: its ``mu`` comes from the token count ``latent^2`` (its
+    latents are patchified already) and the step count (diffusers' ``compute_empirical_mu``), so
+    it needs ``num_steps``. A ``shift_terminal`` (Qwen-Image's scheduler stretches its grid to end
+    at 0.02) is not reproduced; a warning says so."""
     path = Path(pipeline_dir) / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: pass the pipeline folder, or give the time shift as a number")
     c = json.loads(path.read_text())
+    if c.get("shift_terminal"):
+        logger.warning("%s stretches its grid to end at shift_terminal=%s; our grid ends at 0 (set sampler.shift to a "
+                       "number to silence this)", path, c["shift_terminal"])
     if not c.get("use_dynamic_shifting"):
         return float(c.get("shift", 1.0))
-    seq = (latent_size // 2) ** 2
-    lo, hi = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
-    mu = c.get("base_shift", 0.5) + (c.get("max_shift", 1.15) - c.get("base_shift", 0.5)) * (seq - lo) / (hi - lo)
+    index = Path(pipeline_dir) / "model_index.json"
+    if index.is_file() and json.loads(index.read_text()).get("_class_name") == "Flux2Pipeline":
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+        if num_steps is None:
+            raise ValueError("FLUX.2's scheduler shift depends on the number of steps; give the steps, or the time "
+                             "shift as a number")
+        mu = compute_empirical_mu(latent_size**2, num_steps)
+    else:
+        seq = (latent_size // 2) ** 2
+        lo, hi = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
+        mu = c.get("base_shift", 0.5) + (c.get("max_shift", 1.15) - c.get("base_shift", 0.5)) * (seq - lo) / (hi - lo)
     return mu if c.get("time_shift_type") == "linear" else math.exp(mu)
 
 
-def vae_decoder(pipeline_dir: Path, device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
-    """``latents -> images (B, 3, H, W) in [0, 1]`` with the pipeline's VAE, and its downsampling factor."""
-    from diffusers import AutoencoderKL
+def vae_decoder(pipeline_dir: Path, device: torch.device,
+                kind: str = "flux") -> tuple[Callable[[torch.Tensor], torch.Tensor], int, int]:
+    """``latents -> images (B, 3, H, W) in [0, 1]`` with the pipeline's VAE and its latent
+    normalisation, the pixels per latent cell, and the multiple image sides must be.
+
+    FLUX.1 / SD3 (``AutoencoderKL``): ``z / scaling + shift``. Qwen-Image
+    (``AutoencoderKLQwenImage``, a one-frame video VAE): ``z / (1 / std) + mean`` per channel on
+    ``(B, C, 1, H, W)``. FLUX.2 (``AutoencoderKLFlux2``): our latents are its patchified ones, so
+    ``z * sqrt(var + eps) + mean`` with the BatchNorm running statistics, then the 2x2 patches go
+    back to pixels of the VAE latent."""
+    import diffusers
 
     folder = Path(pipeline_dir) / "vae"
-    if not (folder / "config.json").is_file():
+    config = folder / "config.json"
+    if not config.is_file():
         raise FileNotFoundError(f"no VAE in {pipeline_dir} (vae/config.json missing); pass the pipeline folder")
-    vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval().requires_grad_(False)
-    vae.to(device)
-    scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
+    found = json.loads(config.read_text()).get("_class_name")
+    if found != VAES[kind]:
+        raise ValueError(f"{config} describes {found!r}; a {kind} pipeline has an {VAES[kind]}: pass a {kind} pipeline folder")
+    vae = getattr(diffusers, found).from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    vae = vae.eval().requires_grad_(False).to(device)
+    c = vae.config
+    if kind == "qwen-image":
+        factor = 2 ** len(c.temperal_downsample)
+        mean = torch.tensor(c.latents_mean).view(1, -1, 1, 1).to(device, vae.dtype)
+        inv_std = 1.0 / torch.tensor(c.latents_std).view(1, -1, 1, 1).to(device, vae.dtype)
+
+        def to_vae(z: torch.Tensor) -> torch.Tensor:  # the pipeline's own arithmetic, on one frame
+            return (z.to(device, vae.dtype) / inv_std + mean)[:, :, None]
+
+    elif kind == "flux2":
+        factor = 2 ** (len(c.block_out_channels) - 1)
+        mean = vae.bn.running_mean.view(1, -1, 1, 1)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + c.batch_norm_eps)
+
+        def to_vae(z: torch.Tensor) -> torch.Tensor:
+            z = z.to(device, vae.dtype) * std.to(vae.dtype) + mean.to(vae.dtype)
+            b, ch, h, w = z.shape  # (B, 4C, H/2, W/2) -> (B, C, H, W): channel 4c + 2i + j is patch pixel (i, j)
+            return z.view(b, ch // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, ch // 4, 2 * h, 2 * w)
+
+    else:
+        factor = 2 ** (len(c.block_out_channels) - 1)
+        scale, shift = c.scaling_factor, c.shift_factor or 0.0
+
+        def to_vae(z: torch.Tensor) -> torch.Tensor:
+            return (z / scale + shift).to(device, vae.dtype)
 
     @torch.no_grad()
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        images = vae.decode((latents / scale + shift).to(device, vae.dtype), return_dict=False)[0]
+        images = vae.decode(to_vae(latents), return_dict=False)[0]
+        images = images[:, :, 0] if images.ndim == 5 else images  # Qwen-Image's VAE returns one frame
         return ((images.float() + 1) / 2).clamp(0, 1)
 
-    return decode, 2 ** (len(vae.config.block_out_channels) - 1)
+    # FLUX.2's latents are patchified: one cell covers 2 VAE cells, and any side that is a
+    # multiple of it works; the others pack 2x2 VAE cells into a token
+    return (decode, 2 * factor, 2 * factor) if kind == "flux2" else (decode, factor, 2 * factor)
 
 
 class EmbeddingConditions:
@@ -99,11 +175,30 @@ class EmbeddingConditions:
         return self.make(**{k: v[idx] for k, v in self.tensors.items()})
 
 
+def make_velocity_model(kind: str, transformer: nn.Module, latent_size: int, flux_guidance: float = 3.5) -> nn.Module:
+    """``kind``'s adapter over ``transformer`` (``flux_guidance``: FLUX.1 / FLUX.2's distilled guidance)."""
+    if kind == "flux":
+        from ..models.flux import FluxVelocityModel
+
+        return FluxVelocityModel(transformer, latent_size, flux_guidance)
+    if kind == "flux2":
+        from ..models.flux2 import Flux2VelocityModel
+
+        return Flux2VelocityModel(transformer, latent_size, flux_guidance)
+    if kind == "qwen-image":
+        from ..models.qwen_image import QwenImageVelocityModel
+
+        return QwenImageVelocityModel(transformer, latent_size)
+    from ..models.sd3 import SD3VelocityModel
+
+    return SD3VelocityModel(transformer, latent_size)
+
+
 @dataclass
 class DiffusersModel:
-    """What sampling needs of a FLUX/SD3 pipeline folder."""
+    """What sampling needs of a diffusers pipeline folder."""
 
-    kind: str  # flux | sd3
+    kind: str  # flux | sd3 | qwen-image | flux2
     folder: Path  # the pipeline folder
     transformer: nn.Module  # the diffusers transformer (LoRA goes here)
     model: nn.Module  # velocity(x, t, cond, guidance) over it
@@ -116,6 +211,15 @@ class DiffusersModel:
             from ..models.flux import FluxCondition
 
             return FluxCondition(tensors["prompt_embeds"], tensors["pooled"])
+        if self.kind == "flux2":
+            from ..models.flux2 import Flux2Condition
+
+            return Flux2Condition(tensors["prompt_embeds"])
+        if self.kind == "qwen-image":
+            from ..models.qwen_image import QwenImageCondition
+
+            return QwenImageCondition(tensors["prompt_embeds"], tensors["prompt_mask"], tensors.get("negative_embeds"),
+                                      tensors.get("negative_mask"))
         from ..models.sd3 import SD3Condition
 
         return SD3Condition(tensors["prompt_embeds"], tensors["pooled"], tensors.get("negative_embeds"),
@@ -123,21 +227,17 @@ class DiffusersModel:
 
     def conditions(self, embeddings: str | Path) -> EmbeddingConditions:
         c = self.transformer.config
+        pooled = c.pooled_projection_dim if self.kind in ("flux", "sd3") else None  # Qwen-Image, FLUX.2: none
         return EmbeddingConditions(embeddings, self.make_condition, expect_dim=c.joint_attention_dim,
-                                   expect_pooled=c.pooled_projection_dim)
+                                   expect_pooled=pooled)
 
     def velocity_model(self, transformer: nn.Module) -> nn.Module:
         """Another transformer (a fine-tune) behind the same adapter settings."""
-        from ..models.flux import FluxVelocityModel
-        from ..models.sd3 import SD3VelocityModel
-
-        if self.kind == "flux":
-            return FluxVelocityModel(transformer, self.latent_size, self.model.guidance_scale)
-        return SD3VelocityModel(transformer, self.latent_size)
+        return make_velocity_model(self.kind, transformer, self.latent_size, getattr(self.model, "guidance_scale", 3.5))
 
 
 def pipeline_kind(folder: Path) -> str:
-    """``flux`` or ``sd3`` from a pipeline folder's ``model_index.json``."""
+    """``flux``, ``sd3``, ``qwen-image`` or ``flux2`` from a pipeline folder's ``model_index.json``."""
     from ..text.preprocess import pipeline_class
 
     return PIPELINES[pipeline_class(folder)]
@@ -153,22 +253,16 @@ def load_diffusers_model(kind: str, folder: str | Path, *, image_size: int, devi
                          dtype: torch.dtype = torch.float32, flux_guidance: float = 3.5) -> DiffusersModel:
     """The transformer of the pipeline in ``folder`` behind ``velocity``, its VAE decoder and
     latent size for ``image_size`` pixels."""
-    from ..models.flux import FLUX_LORA_TARGETS, FluxVelocityModel
-    from ..models.sd3 import SD3_LORA_TARGETS, SD3VelocityModel
-
     if kind not in TRANSFORMERS:
         raise ValueError(f"model kind must be one of {', '.join(TRANSFORMERS)}, got {kind!r}")
     folder = Path(folder)
     transformer = load_transformer_of(kind, folder, dtype)
-    decode, factor = vae_decoder(folder, torch.device(device))
-    if image_size % (2 * factor):
-        raise ValueError(f"image size {image_size} must be a multiple of {2 * factor} for this VAE")
+    decode, factor, multiple = vae_decoder(folder, torch.device(device), kind)
+    if image_size % multiple:
+        raise ValueError(f"image size {image_size} must be a multiple of {multiple} for this VAE")
     latent = image_size // factor
-    if kind == "flux":
-        model, targets = FluxVelocityModel(transformer, latent, flux_guidance), FLUX_LORA_TARGETS
-    else:
-        model, targets = SD3VelocityModel(transformer, latent), SD3_LORA_TARGETS
-    return DiffusersModel(kind, folder, transformer, model, decode, latent, list(targets))
+    model = make_velocity_model(kind, transformer, latent, flux_guidance)
+    return DiffusersModel(kind, folder, transformer, model, decode, latent, lora_targets(kind))
 
 
 def encode_or_load_embeddings(pipeline_dir: Path, prompts: Sequence[str], cache_dir: Path,

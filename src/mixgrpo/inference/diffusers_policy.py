@@ -1,6 +1,7 @@
-"""FLUX / SD3 policies for ``sample`` and ``eval``: a run, an export or a pipeline folder.
+"""FLUX.1 / FLUX.2 / SD3 / Qwen-Image policies for ``sample`` and ``eval``: a run, an export or a
+pipeline folder.
 
-* a ``mixgrpo train`` run with ``model.kind=flux|sd3``: its newest intact checkpoint. LoRA:
+* a ``mixgrpo train`` run with ``model.kind=flux|sd3|qwen-image|flux2``: its newest intact checkpoint. LoRA:
   the adapter on the pipeline's transformer, and the base for ``--blend`` is the same network
   with the adapter switched off (no second copy). Full fine-tune: the trained transformer, and
   the base loaded once beside it (``offload``: each kept on the CPU while the other samples);
@@ -15,6 +16,7 @@ prompt, else the pipeline's own text encoders encode them once into ``cache_dir`
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +28,7 @@ from torch import nn
 from ..models.lora import add_lora, in_place_lora_names
 from ..text.encoder import default_cache_dir
 from .diffusers_models import (
+    DEFAULT_GUIDANCE,
     DiffusersModel,
     EmbeddingConditions,
     encode_or_load_embeddings,
@@ -43,6 +46,7 @@ __all__ = ["EXPORT_META", "load_diffusers_policy"]
 EXPORT_META = "mixgrpo_export.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LORA_FILE = "pytorch_lora_weights.safetensors"
+PIPELINE_STEPS = 50  # the step count Policy.shift is quoted at where it depends on it (the pipelines' default)
 
 
 class _Offloaded(nn.Module):
@@ -76,7 +80,7 @@ def load_diffusers_policy(folder: Path, name: str, *, embeddings: str | Path | N
                           device: str | torch.device = "cpu", ema: bool = True, offload: bool = False,
                           cache_dir: Path | None = None, on_note: Callable[[str], None] | None = None,
                           dtype: str | None = None) -> Policy:
-    """A FLUX/SD3 policy from ``folder`` (see the module doc); ``None`` options take the
+    """A diffusers-model policy from ``folder`` (see the module doc); ``None`` options take the
     run's (or export's) own values (``dtype``: the weights' float type, default the run's
     ``model.dtype``, else float32)."""
     device = torch.device(device)
@@ -134,12 +138,16 @@ def load_diffusers_policy(folder: Path, name: str, *, embeddings: str | Path | N
         if image_size is None:
             raise ValueError(f"sampling the pipeline in {folder} needs --image-size (pixels per side)")
         parts = load_diffusers_model(kind, folder, image_size=image_size, device=device,
-                                     flux_guidance=3.5 if flux_guidance is None else flux_guidance,
+                                     flux_guidance=DEFAULT_GUIDANCE.get(kind, 3.5) if flux_guidance is None
+                                     else flux_guidance,
                                      dtype=_DTYPES[dtype or "float32"])
         model = base = parts.model
         shift, source = "scheduler", str(folder)
-    if shift == "scheduler":
-        shift = scheduler_shift(parts.folder, parts.latent_size)
+    shift_at = None
+    if shift == "scheduler":  # the pipeline's own: FLUX.2's depends on the step count, the others' do not
+        shift_at = functools.lru_cache(maxsize=None)(
+            functools.partial(scheduler_shift, parts.folder, parts.latent_size))
+        shift = shift_at(PIPELINE_STEPS)
     second_network = base is not model and not isinstance(base, AdapterOff)  # a full fine-tune's base
     if second_network and offload:
         model, base = _Offloaded(model, device), _Offloaded(base, device)
@@ -152,7 +160,7 @@ def load_diffusers_policy(folder: Path, name: str, *, embeddings: str | Path | N
     base.eval()
     conditions = _Conditions(parts, embeddings, known, cache_dir, device, length)
     return Policy(name, model, base, source, kind=parts.kind, decode=parts.decode, shift=float(shift),
-                  device=str(device), prompt_conditions=conditions)
+                  device=str(device), prompt_conditions=conditions, shift_at=shift_at)
 
 
 class _Conditions:

@@ -25,7 +25,7 @@ import torch
 from ..rewards import Reward, get_reward, score
 from ..rewards.base import RewardOptionsError
 from .generate import EVAL_CHUNK, generate_prompts
-from .policy_base import Policy
+from .policy_base import DISTILLED_KINDS, Policy
 
 __all__ = ["EvalProgress", "build_rewards", "evaluate_policy", "markdown_table", "summarise_scores"]
 
@@ -160,8 +160,9 @@ def evaluate_policy(
         check = getattr(reward, "check_prompts", None)
         if callable(check):
             check(list(prompts))
+    policy.check_guidance(guidance)
     conditions = policy.conditions(prompts)  # every prompt's embedding found (or made) before any sampling
-    shift = policy.shift if shift is None else shift
+    shift = policy.grid_shift(steps) if shift is None else shift
     totals = {name: torch.zeros(len(prompts)) for name in rewards}
     done = done or {}
     # the parts in a fixed order; with `gather` (torchrun) rank r draws parts r, r + W, ... of each
@@ -200,7 +201,7 @@ def evaluate_policy(
         "checkpoint": policy.name,
         "weights": policy.source,
         "blend": blend,
-        "nfe": steps * (2 if guidance != 1.0 and policy.kind != "flux" else 1),  # model passes per image (CFG: 2)
+        "nfe": steps * (2 if guidance != 1.0 and policy.kind not in DISTILLED_KINDS else 1),  # passes per image (CFG: 2)
         "n": len(prompts),
         "seeds": seeds,
         "rewards": {name: summarise_scores(s) for name, s in per_prompt.items()},

@@ -14,7 +14,9 @@ from ..models.lora import adapters_disabled
 from ..models.tiny_dit import TextCondition
 from ..text import PromptEmbeddings, cached_embeddings
 
-__all__ = ["AdapterOff", "Policy"]
+__all__ = ["DISTILLED_KINDS", "AdapterOff", "Policy"]
+
+DISTILLED_KINDS = ("flux", "flux2")  # guidance-distilled: guidance goes into an embedding, no CFG
 
 
 @dataclass
@@ -26,16 +28,29 @@ class Policy:
     model: EmbeddedModel | Any  # anything with velocity(x, t, cond, guidance) and .config
     base: EmbeddedModel | Any
     source: str  # where the weights came from, for reports
-    kind: str = "embedded"  # embedded | flux | sd3
+    kind: str = "embedded"  # embedded | flux | sd3 | qwen-image | flux2
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: the embedded model's pixel space
-    shift: float = 3.0  # time shift of the sampling grid (flux/sd3: their scheduler's)
+    shift: float = 3.0  # time shift of the sampling grid (diffusers kinds: their scheduler's)
     device: str = "cpu"  # where the model samples (noise is drawn on the CPU, then moved)
     # prompts -> (prompts -> condition); None: the embedded model's MiniLM embeddings (cached)
     prompt_conditions: Callable[[Sequence[str]], Callable[[Sequence[str]], Any]] | None = None
+    # steps -> shift where the scheduler's shift depends on the step count (FLUX.2); None: ``shift``
+    shift_at: Callable[[int], float] | None = None
 
     @property
     def config(self):
         return self.model.config
+
+    def grid_shift(self, steps: int) -> float:
+        """The time shift of a ``steps``-step sampling grid."""
+        return self.shift if self.shift_at is None else self.shift_at(steps)
+
+    def check_guidance(self, guidance: float) -> None:
+        """Refuse classifier-free guidance for a guidance-distilled model before any prompt is
+        encoded (its text encoders can take minutes to load)."""
+        if guidance != 1.0 and self.kind in DISTILLED_KINDS:
+            raise ValueError(f"{self.name} is guidance-distilled ({self.kind}): set --flux-guidance, not --cfg "
+                             f"(--cfg must be 1, got {guidance:g})")
 
     def conditions(self, prompts: Sequence[str]) -> PromptEmbeddings | Callable[[Sequence[str]], Any]:
         """What :func:`~mixgrpo.inference.generate.generate_prompts` needs to condition on ``prompts``."""

@@ -25,7 +25,7 @@ __all__ = ["RunModel", "latest_run_weights", "load_named", "load_safetensors", "
 
 logger = logging.getLogger(__name__)
 
-_KINDS = ("embedded", "flux", "sd3")
+_KINDS = ("embedded", "flux", "sd3", "qwen-image", "flux2")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class RunModel:
 
     kind: str = "embedded"
     checkpoint: str | None = None  # embedded: model folder (None = the shipped base)
-    path: str | None = None  # flux/sd3: the diffusers pipeline folder
+    path: str | None = None  # diffusers kinds: the pipeline folder
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=list)

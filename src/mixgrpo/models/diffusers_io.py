@@ -28,7 +28,8 @@ def load_transformer(folder: str | Path, class_name: str, dtype: torch.dtype = t
     except json.JSONDecodeError as err:
         raise ValueError(f"{config} is not valid JSON ({err})") from None
     if found_class != class_name:
-        raise ValueError(f"{config} describes {found_class!r}, not a {class_name}")
+        raise ValueError(f"{config} describes {found_class!r}, not a {class_name}: pass a pipeline folder of that model "
+                         "or set model.kind to match the folder")
     try:
         return getattr(diffusers, class_name).from_pretrained(
             target, torch_dtype=dtype, local_files_only=True, use_safetensors=True)

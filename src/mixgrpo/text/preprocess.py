@@ -5,12 +5,15 @@ encoders (MixGRPO precomputes them the same way before training).
 Layout of the output folder::
 
     index.json                 pipeline class, model folder, prompts, shard ranges, shapes
-    embeddings-00000.safetensors  prompt_embeds (n, L, D), pooled (n, P)
-                                  [+ negative_embeds, negative_pooled for SD3's CFG]
+    embeddings-00000.safetensors  prompt_embeds (n, L, D) and the pipeline's other text tensors
 
 FLUX: ``prompt_embeds`` are T5 states, ``pooled`` the CLIP pooled output. SD3: the joint
 CLIP-L/G + T5 states and the concatenated CLIP pooled outputs, plus the empty negative
-prompt's (SD3 uses real classifier-free guidance).
+prompt's (``negative_embeds``, ``negative_pooled``: SD3 uses real classifier-free guidance).
+Qwen-Image: Qwen2.5-VL states with their 0/1 ``prompt_mask``, zero-padded to the longest
+prompt, plus the negative prompt ``" "``'s (``negative_embeds``, ``negative_mask``) for its
+true CFG. FLUX.2: Mistral-3 states of three layers, padded to the sequence length (no mask,
+no pooled vector; about 31 MB per prompt at length 512 in float32).
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ from safetensors.torch import load_file, save_file
 
 __all__ = ["SUPPORTED_PIPELINES", "load_embeddings", "pipeline_class", "preprocess_prompts", "write_embeddings"]
 
-SUPPORTED_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline")
+SUPPORTED_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline", "QwenImagePipeline", "Flux2Pipeline")
+# the text length each pipeline encodes at by default (its __call__'s max_sequence_length)
+DEFAULT_LENGTH = {"FluxPipeline": 512, "StableDiffusion3Pipeline": 256, "QwenImagePipeline": 512, "Flux2Pipeline": 512}
+QWEN_NEGATIVE_PROMPT = " "  # the "empty" negative prompt diffusers' Qwen-Image docs use for true CFG
 INDEX = "index.json"
 
 
@@ -39,7 +45,8 @@ def pipeline_class(model_dir: str | Path) -> str:
         raise FileNotFoundError(f"{model_dir} is not a diffusers pipeline folder (no model_index.json; found: {found})")
     name = json.loads(index.read_text()).get("_class_name")
     if name not in SUPPORTED_PIPELINES:
-        raise ValueError(f"{index} describes {name!r}; supported pipelines: {', '.join(SUPPORTED_PIPELINES)}")
+        raise ValueError(f"{index} describes {name!r}; supported pipelines (text-to-image): "
+                         f"{', '.join(SUPPORTED_PIPELINES)}: pass the folder of one of them")
     return name
 
 
@@ -63,26 +70,53 @@ def preprocess_prompts(
         raise ValueError(f"{out} is not empty; choose a new --out (preprocess never overwrites embeddings)")
     if not prompts:
         raise ValueError("no prompts to encode")
-    pipe = getattr(diffusers, name).from_pretrained(model_dir, transformer=None, vae=None, local_files_only=True,
-                                                    use_safetensors=True)
-    length = max_sequence_length or (512 if name == "FluxPipeline" else 256)
+    try:
+        pipe = getattr(diffusers, name).from_pretrained(model_dir, transformer=None, vae=None, local_files_only=True,
+                                                        use_safetensors=True)
+    except ImportError as err:  # e.g. FLUX.2's PixtralProcessor wants torchvision
+        raise ValueError(f"cannot load the text encoder of {model_dir}: {str(err).strip().splitlines()[0]} "
+                         "(install the library it names)") from None
+    length = max_sequence_length or DEFAULT_LENGTH[name]
     columns: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
-        if name == "FluxPipeline":
-            embeds, pooled, _ = pipe.encode_prompt(batch, None, max_sequence_length=length)
-            parts = {"prompt_embeds": embeds, "pooled": pooled}
-        else:
-            embeds, neg, pooled, neg_pooled = pipe.encode_prompt(batch, None, None, do_classifier_free_guidance=True,
-                                                                 negative_prompt="", max_sequence_length=length)
-            parts = {"prompt_embeds": embeds, "pooled": pooled, "negative_embeds": neg, "negative_pooled": neg_pooled}
-        for key, value in parts.items():
+        for key, value in _encode(pipe, name, batch, length).items():
             columns.setdefault(key, []).append(value.float().cpu())
         if on_batch is not None:
             on_batch(len(batch))
-    tensors = {k: torch.cat(v) for k, v in columns.items()}
+    tensors = {k: _cat_padded(v) for k, v in columns.items()}
     return write_embeddings(out, tensors, prompts, pipeline=name, model=str(model_dir.resolve()),
                             max_sequence_length=length, shard_size=shard_size)
+
+
+def _encode(pipe, name: str, batch: list[str], length: int) -> dict[str, torch.Tensor]:
+    """One batch through the pipeline's own ``encode_prompt``."""
+    if name == "FluxPipeline":
+        embeds, pooled, _ = pipe.encode_prompt(batch, None, max_sequence_length=length)
+        return {"prompt_embeds": embeds, "pooled": pooled}
+    if name == "StableDiffusion3Pipeline":
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(batch, None, None, do_classifier_free_guidance=True,
+                                                             negative_prompt="", max_sequence_length=length)
+        return {"prompt_embeds": embeds, "pooled": pooled, "negative_embeds": neg, "negative_pooled": neg_pooled}
+    if name == "QwenImagePipeline":
+        parts = {}
+        for key, text in (("prompt", batch), ("negative", [QWEN_NEGATIVE_PROMPT] * len(batch))):
+            embeds, mask = pipe.encode_prompt(text, max_sequence_length=length)
+            mask = torch.ones(embeds.shape[:2]) if mask is None else mask  # None: no padding in this batch
+            parts["prompt_embeds" if key == "prompt" else "negative_embeds"] = embeds
+            parts[f"{key}_mask"] = mask
+        return parts
+    embeds, _ = pipe.encode_prompt(batch, max_sequence_length=length)  # Flux2Pipeline
+    return {"prompt_embeds": embeds}
+
+
+def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Batches stacked, zero-padded along the text axis to the longest (Qwen-Image's batches
+    are as long as their longest prompt; the zeros are masked out)."""
+    longest = max(p.shape[1] for p in parts) if parts[0].ndim > 1 else None
+    if longest is None or all(p.shape[1] == longest for p in parts):
+        return torch.cat(parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, 0) * (p.ndim - 2) + (0, longest - p.shape[1])) for p in parts])
 
 
 def write_embeddings(out: Path, tensors: dict[str, torch.Tensor], prompts: Sequence[str], *, pipeline: str,
@@ -110,7 +144,8 @@ def load_embeddings(folder: str | Path, *, expect_dim: int | None = None,
     """Prompts, stacked tensors and the index of a :func:`preprocess_prompts` folder.
 
     ``expect_dim`` / ``expect_pooled`` (the transformer's ``joint_attention_dim`` and
-    ``pooled_projection_dim``) catch embeddings made for another model before any work."""
+    ``pooled_projection_dim``, ``None`` for models without a pooled vector: Qwen-Image, FLUX.2)
+    catch embeddings made for another model before any work; ``expect_dim=None`` checks nothing."""
     folder = Path(folder)
     if not (folder / INDEX).is_file():
         raise FileNotFoundError(f"{folder} holds no preprocessed embeddings ({INDEX} missing); run `mixgrpo preprocess`")
@@ -123,8 +158,9 @@ def load_embeddings(folder: str | Path, *, expect_dim: int | None = None,
     n = len(index["prompts"])
     if any(len(v) != n for v in tensors.values()):
         raise ValueError(f"{folder}: {n} prompts but tensors of {sorted({len(v) for v in tensors.values()})} rows; re-run preprocess")
-    dim, pooled = tensors["prompt_embeds"].shape[-1], tensors["pooled"].shape[-1]
-    if (expect_dim is not None and dim != expect_dim) or (expect_pooled is not None and pooled != expect_pooled):
+    dim = tensors["prompt_embeds"].shape[-1]
+    pooled = tensors["pooled"].shape[-1] if "pooled" in tensors else None  # Qwen-Image, FLUX.2: none
+    if expect_dim is not None and (dim != expect_dim or pooled != expect_pooled):
         raise ValueError(f"{folder} holds embeddings of width {dim} / pooled {pooled} (made with {index['pipeline']} from "
                          f"{index['model']}); this transformer expects {expect_dim} / {expect_pooled}: preprocess with its pipeline")
     return index["prompts"], tensors, index

@@ -3,9 +3,9 @@ become conditions and how final samples become images. Every preset runs unchang
 
 * ``embedded``: the embedded model on the procedural world (prompts from the grammar's
   train / held-out split, MiniLM embeddings, pixel space);
-* ``flux`` / ``sd3``: a diffusers transformer from a local pipeline folder, conditions from
-  `mixgrpo preprocess` shards (the text encoders are never loaded during RL), images from the
-  pipeline's VAE.
+* ``flux`` / ``sd3`` / ``qwen-image`` / ``flux2``: a diffusers transformer from a local pipeline
+  folder, conditions from `mixgrpo preprocess` shards (the text encoders are never loaded during
+  RL), images from the pipeline's VAE.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class Backend:
     # means "fully correct" (their exact rate is reported too)
     eval_rewards: tuple[str, ...] = ()
     exact_rewards: tuple[str, ...] = ()
-    scheduler_shift: float | None = None  # the time shift the model's scheduler config implies (flux/sd3)
+    scheduler_shift: float | None = None  # the time shift the model's scheduler config implies (diffusers kinds)
 
 
 def _embedded(cfg: TrainConfig, model: nn.Module | None) -> Backend:
@@ -70,7 +70,9 @@ def _diffusers(cfg: TrainConfig) -> Backend:
     def conditions(prompts: Sequence[str]):
         return train_cond(prompts) if not train_cond.missing(prompts) else eval_cond(prompts)
 
-    shift = scheduler_shift(parts.folder, parts.latent_size) if cfg.sampler.shift == "scheduler" else None
+    shift = None
+    if cfg.sampler.shift == "scheduler":  # FLUX.2's depends on the step count
+        shift = scheduler_shift(parts.folder, parts.latent_size, cfg.sampler.num_steps)
     return Backend(parts.model, train_cond.prompts, eval_cond.prompts[: cfg.eval_prompts], conditions, parts.decode,
                    parts.transformer, m.lora_targets or parts.lora_targets, scheduler_shift=shift)
 

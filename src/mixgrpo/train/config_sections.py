@@ -201,15 +201,18 @@ class OptimConfig:
             raise ValueError(f"optim.ema must be in (0, 1) or null, got {self.ema}")
 
 
+MODEL_KINDS = ("embedded", "flux", "sd3", "qwen-image", "flux2")
+
+
 @dataclass
 class ModelConfig:
-    kind: str = "embedded"  # embedded (the tiny model; "tiny-dit" is an old alias) | flux | sd3 (diffusers, local folders)
+    kind: str = "embedded"  # embedded (the tiny model; "tiny-dit" is an old alias) | flux | sd3 | qwen-image | flux2 (diffusers, local folders)
     checkpoint: str | None = None  # embedded: model folder; None = the shipped embedded base
     path: str | None = None  # flux/sd3: local diffusers pipeline folder
     embeddings: str | None = None  # flux/sd3: `mixgrpo preprocess` output of the training prompts
     eval_embeddings: str | None = None  # flux/sd3: same for evaluation prompts (default: `embeddings`)
     image_size: int = 512  # flux/sd3: pixels per side (latents are image_size / VAE factor)
-    flux_guidance: float = 3.5  # FLUX.1-dev's distilled guidance (MixGRPO: 3.5)
+    flux_guidance: float = 3.5  # FLUX.1-dev / FLUX.2-dev distilled guidance (MixGRPO FLUX.1: 3.5; Flux2Pipeline default: 4)
     lora_rank: int = 0  # 0 = full fine-tuning; > 0 trains a peft LoRA adapter
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=list)  # empty = the model's default attention projections
@@ -220,8 +223,8 @@ class ModelConfig:
     def validate(self) -> None:
         if self.kind == "tiny-dit":  # the first round's name, kept so old run folders load
             self.kind = "embedded"
-        if self.kind not in ("embedded", "flux", "sd3"):
-            raise ValueError(f"model.kind must be embedded, flux or sd3, got {self.kind!r}")
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {self.kind!r}")
         if self.kind != "embedded" and (not self.path or not self.embeddings):
             raise ValueError(f"model.kind={self.kind} needs model.path (a local pipeline folder) and model.embeddings "
                              "(run `mixgrpo preprocess` first)")
