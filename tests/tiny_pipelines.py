@@ -1,4 +1,5 @@
-"""Tiny random diffusers pipelines built offline (tokenizers included) for the real-model paths."""
+"""Tiny random diffusers pipelines built offline (tokenizers included) for the real-model paths:
+FLUX.1, SD3, Qwen-Image and FLUX.2."""
 
 from __future__ import annotations
 
@@ -95,5 +96,128 @@ def make_tiny_sd3_pipeline(folder: Path) -> Path:
     pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=clip1,
                                     tokenizer=tok1, text_encoder_2=clip2, tokenizer_2=tok2, text_encoder_3=t5,
                                     tokenizer_3=t5_tok, transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+# the system part of Qwen-Image's chat template: encode_prompt drops its 34 tokens (drop_idx)
+QWEN_SYSTEM = ("Describe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+               "relationships of the objects and background")
+
+
+def _qwen_tokenizer(max_length: int = 2048):
+    """A byte-level BPE Qwen2Tokenizer whose merges make each word of the system prompt one token,
+    so the template's system part is 34 tokens, as with the real tokenizer (asserted); prompt
+    words fall apart into bytes."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {"<|endoftext|>": 0}
+    for ch in bytes_to_unicode().values():
+        vocab.setdefault(ch, len(vocab))
+    merges = []
+
+    def whole(word: str) -> None:  # merges building `word` left to right
+        done = word[0]
+        for ch in word[1:]:
+            if done + ch not in vocab:
+                merges.append((done, ch))
+                vocab[done + ch] = len(vocab)
+            done += ch
+
+    for word in QWEN_SYSTEM.replace(",", "").split()[1:]:  # "Ġ" is byte-level BPE's space; these merges come first so they win
+        whole("Ġ" + word)
+    for word in ("system", "user", "assistant", "Describe"):
+        whole(word)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+                         eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=max_length)
+    system = f"<|im_start|>system\n{QWEN_SYSTEM}:<|im_end|>\n<|im_start|>user\n"
+    assert len(tok(system).input_ids) == 34, "the tiny Qwen tokenizer must split the system prompt as Qwen's does"
+    return tok, len(tok)
+
+
+def make_tiny_qwen_image_pipeline(folder: Path) -> Path:
+    """A QwenImagePipeline (Qwen2.5-VL 16-d, 2 layers; a 4-channel one-frame video VAE that
+    downsamples by 2; one-block transformer) saved to ``folder``. Its scheduler shifts
+    dynamically, as Qwen-Image's does (without its shift_terminal)."""
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    tok, vocab = _qwen_tokenizer()
+    text = dict(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, bos_token_id=None, eos_token_id=None, rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2],
+                                                        "rope_theta": 1e6})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16)
+    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=vocab + 1, video_token_id=vocab + 2,
+        vision_start_token_id=vocab + 3, vision_end_token_id=vocab + 4))
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.7, 2.0, 1.1])
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              axes_dims_rope=(4, 6, 6))
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                base_image_seq_len=256, max_image_seq_len=8192)
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=encoder, tokenizer=tok, transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_flux2_pipeline(folder: Path) -> Path:
+    """A Flux2Pipeline (a 30-layer 8-d Mistral-3, so its states 10, 20, 30 exist; a 4-channel VAE
+    that downsamples by 2, with random BatchNorm statistics; 1+1-block transformer) saved to
+    ``folder``. The tokenizer is a word-level fast tokenizer with a chat template, standing in
+    for the real PixtralProcessor (which needs torchvision); encode_prompt only calls
+    ``apply_chat_template``."""
+    import torch
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2Pipeline,
+        Flux2Transformer2DModel,
+    )
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        PreTrainedTokenizerFast,
+    )
+
+    torch.manual_seed(0)
+    special = ["<pad>", "<s>", "</s>", "<unk>", "[IMG]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"]
+    words = dict.fromkeys(SYSTEM_MESSAGE.replace(",", " ").replace(".", " ").split() + WORDS)
+    vocab = {w: i for i, w in enumerate([*special, *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", additional_special_tokens=special[4:], model_max_length=512)
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]"
+                         "{{ m['content'][0]['text'] }}[/SYSTEM_PROMPT]{% else %}[INST]{{ m['content'][0]['text'] }}"
+                         "[/INST]{% endif %}{% endfor %}")
+    text = dict(model_type="mistral", vocab_size=len(vocab), hidden_size=8, intermediate_size=16, num_hidden_layers=30,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=4, max_position_embeddings=512)
+    vision = dict(model_type="pixtral", hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                  head_dim=4, patch_size=4, image_size=16)
+    encoder = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision,
+                                                              image_token_index=4, spatial_merge_size=1))
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                             norm_num_groups=4, sample_size=16)
+    with torch.no_grad():  # non-trivial statistics, so the latent normalisation is tested
+        vae.bn.running_mean.copy_(0.3 * torch.randn(16))
+        vae.bn.running_var.copy_(0.5 + torch.rand(16))
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=24,
+                                          timestep_guidance_channels=32, axes_dims_rope=(2, 2, 2, 2))
+    pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae,
+                         text_encoder=encoder, tokenizer=tok, transformer=transformer)
     pipe.save_pretrained(folder)
     return folder
