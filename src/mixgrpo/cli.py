@@ -147,7 +147,7 @@ def _parse_blends(blend: str) -> list[float]:
 
 EmbeddingsOpt = Annotated[str | None, typer.Option(help="FLUX/SD3: a `mixgrpo preprocess` folder holding the prompts (alone: all of its prompts). Default: the run's, else the pipeline's text encoders encode them once.")]
 ImageSizeOpt = Annotated[int | None, typer.Option(help="FLUX/SD3: pixels per side (default: the run's or export's).")]
-FluxGuidanceOpt = Annotated[float | None, typer.Option(help="FLUX.1's distilled guidance (default: the run's, else 3.5).")]
+FluxGuidanceOpt = Annotated[float | None, typer.Option(help="FLUX.1 / FLUX.2 distilled guidance (default: the run's, else the pipeline's: 3.5 FLUX.1, 4 FLUX.2).")]
 DeviceOpt = Annotated[str, typer.Option(help="FLUX/SD3: where the model samples (cpu, cuda, cuda:N).")]
 OffloadOpt = Annotated[bool, typer.Option(help="FLUX/SD3 full fine-tunes: keep the policy and its base on the CPU in turn while the other samples (for --blend).")]
 DtypeOpt = Annotated[str | None, typer.Option(help="FLUX/SD3: float type of the weights, float32 or bfloat16 (default: the run's model.dtype, else float32).")]
@@ -413,10 +413,10 @@ def bench(
 
 @app.command()
 def preprocess(
-    model: Annotated[Path, typer.Option(help="Local diffusers pipeline folder (FLUX or SD3/SD3.5).")],
+    model: Annotated[Path, typer.Option(help="Local diffusers pipeline folder (FLUX.1, FLUX.2, SD3/SD3.5 or Qwen-Image).")],
     prompts: Annotated[str, typer.Option(help="Prompt file: .txt (one per line), .json or .jsonl with a 'prompt' field.")],
     out: Annotated[Path, typer.Option(help="New folder for the embedding shards and index.json.")],
-    max_sequence_length: Annotated[int | None, typer.Option(help="T5 tokens (default: FLUX 512, SD3 256).")] = None,
+    max_sequence_length: Annotated[int | None, typer.Option(help="Text tokens (default: FLUX.1, FLUX.2, Qwen-Image 512; SD3 256).")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per encoder batch.")] = 16,
 ) -> None:
     """Precompute text embeddings with the pipeline's own encoders (offline, safetensors shards)."""
