@@ -35,7 +35,16 @@ from mixgrpo.inference.policy import load_policy  # noqa: E402
 from mixgrpo.models.lora import adapters_disabled, add_lora  # noqa: E402
 from mixgrpo.text.preprocess import load_embeddings, preprocess_prompts  # noqa: E402
 from mixgrpo.train.trainer import GRPOTrainer  # noqa: E402
-from tiny_backbones import PROMPTS, SIDE, STEPS, check_exports, run_config, train_lora  # noqa: E402
+from tiny_backbones import (  # noqa: E402
+    PROMPTS,
+    SIDE,
+    STEPS,
+    check_bf16_checkpointed_step,
+    check_exports,
+    check_full_fine_tune,
+    run_config,
+    train_lora,
+)
 from tiny_pipelines import make_tiny_flux2_pipeline, make_tiny_qwen_image_pipeline  # noqa: E402
 
 LATENT, LENGTH = 4, 48  # patchified latent side; text length (the system message is ~30 tokens)
@@ -127,6 +136,14 @@ def test_scheduler_shift_follows_the_step_count(world):
     assert trainer.cfg.sampler.shift == pytest.approx(math.exp(compute_empirical_mu(LATENT**2, STEPS)))
     with pytest.raises(ValueError, match="depends on the number of steps"):
         scheduler_shift(world["pipe"], LATENT)
+
+
+def test_bf16_lora_with_gradient_checkpointing_steps(world):
+    check_bf16_checkpointed_step("flux2", world["pipe"], world["emb"], "model.flux_guidance=4")
+
+
+def test_full_fine_tune_exports_a_transformer_folder(world, tmp_path):
+    check_full_fine_tune("flux2", world["pipe"], world["emb"], tmp_path, "model.flux_guidance=4")
 
 
 def test_bad_inputs_name_the_fix(world, tmp_path, monkeypatch):

@@ -40,7 +40,16 @@ from mixgrpo.models.lora import adapters_disabled, add_lora  # noqa: E402
 from mixgrpo.models.qwen_image import QwenImageCondition, QwenImageVelocityModel  # noqa: E402
 from mixgrpo.text.preprocess import load_embeddings, preprocess_prompts  # noqa: E402
 from mixgrpo.train.trainer import GRPOTrainer  # noqa: E402
-from tiny_backbones import PROMPTS, SIDE, STEPS, check_exports, run_config, train_lora  # noqa: E402
+from tiny_backbones import (  # noqa: E402
+    PROMPTS,
+    SIDE,
+    STEPS,
+    check_bf16_checkpointed_step,
+    check_exports,
+    check_full_fine_tune,
+    run_config,
+    train_lora,
+)
 from tiny_pipelines import make_tiny_flux2_pipeline, make_tiny_qwen_image_pipeline  # noqa: E402
 
 LATENT, LENGTH = 8, 64  # latent side; text length the prompts are encoded at
@@ -150,6 +159,14 @@ def test_cfg_training_runs_two_passes(world, tmp_path):
                                      "sampler.guidance=4", "iterations=1"))
     row = trainer.step(0)
     assert row["nonfinite_samples"] == 0 and np.isfinite(row["loss"])
+
+
+def test_bf16_lora_with_gradient_checkpointing_steps(world):
+    check_bf16_checkpointed_step("qwen-image", world["pipe"], world["emb"])
+
+
+def test_full_fine_tune_exports_a_transformer_folder(world, tmp_path):
+    check_full_fine_tune("qwen-image", world["pipe"], world["emb"], tmp_path)
 
 
 def test_bad_inputs_name_the_fix(world, tmp_path, monkeypatch):

@@ -82,3 +82,31 @@ def check_exports(kind: str, pipeline_class, pipe: Path, run: Path, trainer: GRP
         policy = load_policy(source, ema=False)
         assert policy.kind == kind
         assert (probe(policy.model, cond) - ours).abs().max() <= 3e-6
+
+
+def check_bf16_checkpointed_step(kind: str, pipe: Path, emb: Path, *extra: str) -> None:
+    """A bf16 LoRA run with gradient checkpointing: bf16 base, fp32 adapter, a finite step."""
+    trainer = GRPOTrainer(run_config(kind, pipe, emb, "mixgrpo", "model.lora_rank=4", "model.dtype=bfloat16",
+                                     "model.gradient_checkpointing=true", *extra))
+    dtypes = {("lora" if "lora_" in n else "base", p.dtype) for n, p in trainer.backend.lora_module.named_parameters()}
+    assert dtypes == {("lora", torch.float32), ("base", torch.bfloat16)}
+    row = trainer.step(0)
+    assert row["nonfinite_samples"] == 0 and torch.isfinite(torch.tensor(row["loss"]))
+
+
+def check_full_fine_tune(kind: str, pipe: Path, emb: Path, tmp: Path, *extra: str) -> None:
+    """A full fine-tune moves the transformer; its export is a transformer folder diffusers loads
+    with the trained velocity, and the run samples as that velocity too."""
+    cfg = run_config(kind, pipe, emb, "mixgrpo", "optim.lr=1e-2", *extra)
+    trainer = GRPOTrainer(cfg)
+    before = [p.detach().clone() for p in trainer.params]
+    train(cfg, tmp / "run", trainer=trainer)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params, strict=True))
+    out = export_run(tmp / "run", tmp / "export", ema=False)
+    trainer.model.eval()
+    cond = trainer.backend.condition(PROMPTS[:2])
+    latent, guidance = trainer.model.config.image_size, getattr(trainer.model, "guidance_scale", 3.5)
+    loaded = type(trainer.backend.lora_module).from_pretrained(out / "transformer", local_files_only=True)
+    ours = probe(trainer.model, cond)
+    assert torch.equal(probe(make_velocity_model(kind, loaded, latent, guidance), cond), ours)
+    assert torch.equal(probe(load_policy(tmp / "run", ema=False).model, cond), ours)
