@@ -112,6 +112,19 @@ def test_euler_through_our_loader_equals_the_pipeline(world, guidance):
     assert torch.allclose(grid.float(), sigmas, atol=1e-6)
 
 
+def test_a_shift_terminal_is_named_not_silently_dropped(tmp_path, caplog):
+    """Qwen-Image's own scheduler stretches its grid to end at shift_terminal; our grid ends at
+    0 with the same dynamic shift, and says so."""
+    (tmp_path / "scheduler").mkdir()
+    config = {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9, "base_image_seq_len": 256,
+              "max_image_seq_len": 8192, "shift_terminal": 0.02, "time_shift_type": "exponential"}
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING"):
+        shift = scheduler_shift(tmp_path, 128)  # 1024 px: 64 x 64 tokens
+    assert shift == pytest.approx(np.exp(0.5 + 0.4 * (4096 - 256) / (8192 - 256)))
+    assert "shift_terminal=0.02" in caplog.text
+
+
 def test_pipeline_folder_samples_the_pipelines_images(world, tmp_path):
     """``load_policy`` on the pipeline folder: prompts encoded at the pipeline's default length
     into the cache, its scheduler's shift, true CFG 4 with " " as the negative prompt."""
