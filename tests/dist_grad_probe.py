@@ -1,7 +1,7 @@
 """Run under torchrun by tests/test_distributed.py: one GRPO iteration of the config in
 argv[1] (plus ``key=value`` overrides in argv[3:]), once with DDP and once with FSDP in the
 same process group; rank 0 writes every trainable parameter's gradient at the first
-optimizer step (after the all-reduce, full tensors) to argv[2] as ``ddp/<name>`` and
+optimizer step (or the one ``MIXGRPO_PROBE_STEP`` counts from 0; after the all-reduce, full tensors) to argv[2] as ``ddp/<name>`` and
 ``fsdp/<name>``. In one process (no torchrun) it writes the single-process gradients as
 ``one/<name>``."""
 
@@ -20,13 +20,18 @@ from mixgrpo.train.distributed import dist_from_environment
 from mixgrpo.train.trainer import GRPOTrainer
 
 
-def first_step_gradients(cfg, d) -> dict[str, torch.Tensor]:
+def first_step_gradients(cfg, d, index: int | None = None) -> dict[str, torch.Tensor]:
+    """The gradients at optimizer step ``index`` of iteration 0 (default: the first; the
+    environment's ``MIXGRPO_PROBE_STEP`` under torchrun)."""
+    index = int(os.environ.get("MIXGRPO_PROBE_STEP", "0")) if index is None else index
     trainer = GRPOTrainer(cfg, dist=d)
     captured: dict[str, torch.Tensor] = {}
     step = trainer.optimizer.step
+    seen = [0]
 
     def capture(*args, **kwargs):
-        if not captured:
+        seen[0] += 1
+        if seen[0] == index + 1:
             for name, p in zip(trainer.param_names, trainer.params, strict=True):
                 g = p.grad
                 if g is None:  # a parameter this iteration's loss does not reach
@@ -37,7 +42,7 @@ def first_step_gradients(cfg, d) -> dict[str, torch.Tensor]:
 
     trainer.optimizer.step = capture
     trainer.step(0)
-    assert captured, "no optimizer step ran"
+    assert captured, f"optimizer step {index} never ran"
     return captured
 
 

@@ -77,3 +77,23 @@ def test_dpm_solver_2m_matches_diffusers_on_its_own_grid():
     ours = sample(model, x1, mixed_plan(sigmas.double(), [], "dpm2")).x0
     theirs = _run_diffusers(scheduler, model, x1, sigmas)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 5, 10])
+def test_sde_dpm_step_matches_diffusers_sde_dpmsolver_pp(k):
+    """``sde_kind=dpm`` is diffusers' first-order ``sde-dpmsolver++`` step on flow sigmas,
+    given the same noise (``variance_noise``)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from mixgrpo.core.steps import SDENoise, sde_step
+
+    scheduler = DPMSolverMultistepScheduler(solver_order=1, algorithm_type="sde-dpmsolver++", use_flow_sigmas=True,
+                                            prediction_type="flow_prediction", flow_shift=3.0)
+    scheduler.set_timesteps(12)
+    sigmas = scheduler.sigmas.clone()
+    gen = torch.Generator().manual_seed(k)
+    x, v, noise = (torch.randn(2, 3, 8, 8, generator=gen) for _ in range(3))
+    scheduler._step_index = k
+    theirs = scheduler.step(v, scheduler.timesteps[k], x, variance_noise=noise, return_dict=False)[0]
+    ours = sde_step(x, v, sigmas[k].item(), sigmas[k + 1].item(), SDENoise("dpm", 1.0), eps=noise).x_next
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)

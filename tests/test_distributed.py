@@ -129,26 +129,32 @@ GRADIENT_WEIGHTING = ("rewards={flatness: 1.0, composition: 1.0}", "weighting.na
 
 @pytest.mark.parametrize(("preset", "extra"), [
     ("nft", ()), pytest.param("awm", (), marks=pytest.mark.slow), pytest.param("branch-grpo", (), marks=pytest.mark.slow),
-    ("mixgrpo", GRADIENT_WEIGHTING),  # one gradient per reward, combined by min-norm weights every rank agrees on
+    ("mixgrpo", GRADIENT_WEIGHTING + ("optim.minibatches=1",)),  # one gradient per reward, min-norm weights
+    # the second of 4 optimizer steps: each group's balanced slice, whichever rank holds the group
+    ("mixgrpo", ("optim.minibatch_order=balance", "MIXGRPO_PROBE_STEP=1")),
 ])
 def test_newer_methods_two_ranks_compute_the_single_process_gradient(tmp_path, preset, extra):
     """DiffusionNFT, AWM and BranchGRPO under DDP: the same first gradient as one process
     (re-noising draws by each sample's row in the whole batch; a tree by its group's
     stream; tree edges weigh 1 / all ranks' edges). FSDP keeps no old policy yet, so DDP only.
-    The same for the gradient (MGDA) reward weighting."""
+    The same for the gradient (MGDA) reward weighting, and for a later optimizer step of a
+    rollout split into minibatches."""
     from dist_grad_probe import first_step_gradients
     from mixgrpo.train.distributed import Dist
 
+    step = next((int(e.split("=")[1]) for e in extra if e.startswith("MIXGRPO_PROBE_STEP=")), 0)
+    extra = [e for e in extra if not e.startswith("MIXGRPO_PROBE_STEP=")]
     cfg = tiny_config(make_tiny_checkpoint(tmp_path / "tiny"), preset, "sampler.noise_per_group=true",
                       "rewards={flatness: 1.0}", "optim.grad_clip=1e6", *extra)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(cfg)))
-    one = first_step_gradients(cfg, Dist())
+    one = first_step_gradients(cfg, Dist(), step)
     out = tmp_path / "grads.safetensors"
     probe = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
              str(Path(__file__).parent / "dist_grad_probe.py"), str(path), str(out)]
     result = subprocess.run(probe, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "MIXGRPO_PROBE_MODES": "ddp"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "MIXGRPO_PROBE_MODES": "ddp",
+                                 "MIXGRPO_PROBE_STEP": str(step)})
     assert result.returncode == 0, result.stderr[-3000:]
     two = {k.removeprefix("ddp/"): v for k, v in load_file(str(out)).items()}
     largest = max(g.abs().max().item() for g in one.values())

@@ -176,6 +176,41 @@ def test_dance_grpo_per_sample_subsets():
         WindowSchedule("progressive", 25, per_sample=True)
 
 
+def _mixgrpo_sde_dpm_first_order(sample, model_output, sigmas, step_index, noise):
+    """Tencent-Hunyuan/MixGRPO @ e5cdd6a, fastvideo/utils/sampling_utils.py: ``dpm_step`` with
+    ``dpm_state=None`` (as its ``grpo_one_step`` recomputes log-probs) and ``sde_solver=True``:
+    ``convert_model_output`` then ``dpm_solver_first_order_update`` for ``dpmsolver++``, then
+    the log-prob. Returns (prev_sample, prev_mean, std_dev_t * dt_sqrt, log_prob)."""
+    x0 = sample - sigmas[step_index] * model_output  # convert_model_output
+    sigma_t, sigma_s = sigmas[step_index + 1], sigmas[step_index]
+    alpha_t, sigma_t = 1 - sigma_t, sigma_t  # _sigma_to_alpha_sigma_t
+    alpha_s, sigma_s = 1 - sigma_s, sigma_s
+    lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
+    lambda_s = torch.log(alpha_s) - torch.log(sigma_s)
+    h = lambda_t - lambda_s
+    prev_mean = (sigma_t / sigma_s * torch.exp(-h)) * sample + (alpha_t * (1 - torch.exp(-2.0 * h))) * x0
+    std_dev_t = sigma_t
+    dt_sqrt = torch.sqrt(1.0 - torch.exp(-2 * h))
+    prev_sample = prev_mean + std_dev_t * dt_sqrt * noise
+    log_prob = (-((prev_sample - prev_mean) ** 2) / (2 * ((std_dev_t * dt_sqrt) ** 2)) - torch.log(std_dev_t * dt_sqrt)
+                - torch.log(torch.sqrt(2 * torch.as_tensor(math.pi, dtype=torch.float64))))
+    return prev_sample, prev_mean, std_dev_t * dt_sqrt, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+@pytest.mark.parametrize("k", [0, 1, 6, 15, 23])
+def test_mixgrpo_sde_dpm_solver_step_and_log_prob(k):
+    """``sampler.sde_kind=dpm``: the same mean, std, sample and log-prob as MixGRPO's
+    first-order SDE-DPM-Solver++ step (k = 0 starts at t = 1, where e^{-h} = 0)."""
+    x, v, eps, _ = _draw(40 + k)
+    t, t_next = GRID[k].item(), GRID[k + 1].item()
+    ref_next, ref_mean, ref_std, ref_lp = _mixgrpo_sde_dpm_first_order(x, v, GRID, k, eps)
+    mean, std = sde_moments(x, v, t, t_next, SDENoise("dpm", 1.0))
+    torch.testing.assert_close(mean, ref_mean, **TIGHT)
+    torch.testing.assert_close(std * torch.ones_like(x), ref_std * torch.ones_like(x), **TIGHT)
+    torch.testing.assert_close(mean + std * eps, ref_next, **TIGHT)
+    torch.testing.assert_close(gaussian_log_prob(ref_next, mean, std, "mean"), ref_lp, **TIGHT)
+
+
 # ---------------------------------------------------------------- GRPO-Guard, transcribed
 def _grpo_guard_loss(old_log_prob, log_prob, advantages, clip_ratio, old_mean, mean, std_dev_t, sqrt_dt, adv_clip=5.0):
     """verl-project/verl-omni @ a1139ba, verl_omni/trainer/diffusion/diffusion_algos.py,

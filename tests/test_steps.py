@@ -33,7 +33,7 @@ class TinyVelocity(torch.nn.Module):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("kind", ["flow_grpo", "dance", "cps"])
+@pytest.mark.parametrize("kind", ["flow_grpo", "dance", "cps", "dpm"])
 def test_log_prob_equals_torch_normal(kind, reduction):
     gen = torch.Generator().manual_seed(0)
     x, v = torch.randn(4, 3, 5, 5, generator=gen), torch.randn(4, 3, 5, 5, generator=gen)
@@ -70,6 +70,23 @@ def test_zero_noise_makes_the_sde_equal_euler(kind):
         torch.testing.assert_close(mean, euler_step(x, v, t, t_next), rtol=0, atol=1e-6)
 
 
+def test_sde_dpm_step_keeps_the_flow_marginals_and_refuses_the_final_step():
+    """Given the exact x0, the SDE-DPM-Solver++ step maps the marginal at t to the one at
+    t_next: if x = (1 - t) x0 + t eps, then mean + std * z = (1 - t') x0 + t' eps' in law
+    (mean coefficient of eps: t' e^{-h}; its variance with the noise's: t'^2)."""
+    gen = torch.Generator().manual_seed(6)
+    x0, eps = torch.randn(2, 3, 4, 4, generator=gen), torch.randn(2, 3, 4, 4, generator=gen)
+    for t, t_next in [(1.0, 0.9), (0.7, 0.5), (0.3, 0.05)]:
+        x = (1 - t) * x0 + t * eps
+        v = eps - x0  # the exact velocity
+        mean, std = sde_moments(x, v, t, t_next, SDENoise("dpm", 1.0))
+        e_h = (1 - t) * t_next / (t * (1 - t_next))
+        torch.testing.assert_close(mean, (1 - t_next) * x0 + t_next * e_h * eps, rtol=0, atol=1e-5)
+        assert float(std) ** 2 + (t_next * e_h) ** 2 == pytest.approx(t_next**2, rel=1e-5)
+    with pytest.raises(ValueError, match="keep the final step deterministic"):
+        sde_moments(x, v, 0.1, 0.0, SDENoise("dpm", 1.0))
+
+
 def test_cps_last_step_is_the_clean_prediction_and_has_no_density():
     gen = torch.Generator().manual_seed(3)
     x, v = torch.randn(2, 3, 4, 4, generator=gen), torch.randn(2, 3, 4, 4, generator=gen)
@@ -80,7 +97,7 @@ def test_cps_last_step_is_the_clean_prediction_and_has_no_density():
         gaussian_log_prob(mean, mean, std, "mean")
 
 
-@pytest.mark.parametrize("kind", ["flow_grpo", "dance", "cps"])
+@pytest.mark.parametrize("kind", ["flow_grpo", "dance", "cps", "dpm"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_recomputed_ratio_is_exactly_one_for_unchanged_parameters(kind, reduction):
     model = TinyVelocity()

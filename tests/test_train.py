@@ -23,7 +23,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def test_ratio_is_exactly_one_before_the_first_update(tiny_checkpoint):
-    trainer = GRPOTrainer(tiny_config(tiny_checkpoint))
+    trainer = GRPOTrainer(tiny_config(tiny_checkpoint, "mixgrpo", "optim.minibatches=1"))
     batch = trainer.rollout(0)
     stats = trainer.update(batch, trainer.advantages(trainer.score(batch)))
     assert stats["ratio_mean"] == 1.0 and stats["clip_frac"] == 0.0 and stats["approx_kl"] == 0.0
@@ -42,7 +42,8 @@ def _count_passes(trainer):
 
 
 def _loss_terms(trainer, cfg, iteration, row):
-    """(trained step, micro-batch) pairs with at least one sample training that step."""
+    """(trained step, micro-batch) pairs with at least one sample training that step; the
+    micro-batches split each optimizer step's part (every group's k-th slice)."""
     if row["zero_std_groups"] == cfg.prompts_per_iter:
         return 0
     assert row["zero_std_groups"] == 0, "the toy reward separates every group"
@@ -51,7 +52,10 @@ def _loss_terms(trainer, cfg, iteration, row):
     mask = torch.as_tensor(trainer.schedule.sample_steps(iteration, range(n)))[:, list(trained)]
     if cfg.sampler.prune_keep is not None:  # rows survive pruning, each trains every trained step
         mask = torch.ones(n, len(trained), dtype=torch.bool)
-    return sum(int(chunk.any(0).sum()) for chunk in mask.split(cfg.optim.micro_batch))
+    group = n // cfg.prompts_per_iter
+    parts = [torch.cat([torch.arange(g, g + group).tensor_split(cfg.optim.minibatches)[k] for g in range(0, n, group)])
+             for k in range(cfg.optim.minibatches)]
+    return sum(int(mask[c].any(0).sum()) for p in parts for c in p.split(cfg.optim.micro_batch))
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -80,7 +84,8 @@ def test_gradients_flow_only_through_trained_steps_and_passes_match_accounting(t
 def test_kl_reference_passes_are_counted(tiny_checkpoint, lora):
     """With KL on, every loss pass has a no-grad reference pass, and both the measured and
     the planned accounting include them (flow-grpo on 8 steps: 8 sampling + 7 loss + 7 reference)."""
-    cfg = tiny_config(tiny_checkpoint, "flow-grpo", f"model.lora_rank={lora}")
+    # one optimizer step per rollout, so that iteration 0's KL is all at the reference
+    cfg = tiny_config(tiny_checkpoint, "flow-grpo", f"model.lora_rank={lora}", "optim.minibatches=1")
     assert cfg.loss.kl_beta > 0
     trainer = GRPOTrainer(cfg)
     assert trainer.step(0)["kl"] == 0.0  # the policy starts at the reference
@@ -100,7 +105,7 @@ def test_per_sample_steps_loss_is_each_samples_mean_over_its_steps(tiny_checkpoi
     """dance-grpo: every sample trains its own subset (DanceGRPO's per-sample randperm), and
     the loss is the mean over samples of the mean over that sample's trained steps, as the
     reference's ``loss / (accumulation * train_timesteps)`` summed over its samples."""
-    cfg = tiny_config(tiny_checkpoint, "dance-grpo", "loss.clip_range=0.5")
+    cfg = tiny_config(tiny_checkpoint, "dance-grpo", "loss.clip_range=0.5", "optim.minibatches=1")
     trainer = GRPOTrainer(cfg)
     batch = trainer.rollout(0)
     mask = batch.sample_mask()
@@ -121,7 +126,8 @@ def test_per_sample_steps_loss_is_each_samples_mean_over_its_steps(tiny_checkpoi
 
 
 def test_toy_reward_moves_samples_the_right_way(tiny_checkpoint):
-    cfg = tiny_config(tiny_checkpoint, "mixgrpo", "optim.lr=6e-3",
+    # one optimizer step per rollout: with the preset's 4, clip 1e-4 masks most of steps 2-4 here
+    cfg = tiny_config(tiny_checkpoint, "mixgrpo", "optim.lr=6e-3", "optim.minibatches=1",
                       "iterations=12", "group_size=8", "sampler.noise_level=1.0", "schedule.size=4")
     trainer = GRPOTrainer(cfg)
     before = trainer.evaluate()[0]["reward_test-train-brightness"]

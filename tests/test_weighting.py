@@ -138,7 +138,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize(("name", "extra"), [
     ("progress", ["weighting.warmup=1"]),
-    ("gradient", []),
+    ("gradient", ["optim.minibatches=1"]),  # one gradient per reward per iteration
     ("constraint", ["weighting.primary=test-train-brightness", "weighting.floors={flatness: 1.01}"]),
 ])
 def test_each_weighting_logs_its_weights_and_resumes_bitwise(tiny_checkpoint, tmp_path, name, extra):
@@ -166,7 +166,7 @@ def _flat(params) -> torch.Tensor:
 
 def test_gradient_weighting_steps_on_the_min_norm_combination(tiny_checkpoint):
     """The step's gradient is sum_j alpha_j g_j of the per-reward gradients, alpha from their Gram."""
-    cfg = tiny_config(tiny_checkpoint, "mixgrpo", TWO, "weighting.name=gradient", "weighting.ema=1.0",
+    cfg = tiny_config(tiny_checkpoint, "mixgrpo", TWO, "weighting.name=gradient", "optim.minibatches=1", "weighting.ema=1.0",
                       "optim.grad_clip=1e9")
     trainer = GRPOTrainer(cfg)
     seen = {}
@@ -205,6 +205,7 @@ def test_gradient_weighting_steps_on_the_min_norm_combination(tiny_checkpoint):
     (["weighting.name=constraint", TWO, "weighting.primary=flatness", "weighting.floors={nope: 0.9}"],
      "weighting.floors must map the other rewards"),
     (["weighting.name=gradient", TWO, "optim.inner_epochs=2"], "needs optim.inner_epochs=1"),
+    (["weighting.name=gradient", TWO], "optim.minibatches=1"),  # the mixgrpo preset takes 4 steps per rollout
     (["weighting.name=progress", TWO, "weighting.temperature=0"], "weighting.temperature must be > 0"),
 ])
 def test_bad_weighting_options_are_one_line_errors(tiny_checkpoint, extra, match):

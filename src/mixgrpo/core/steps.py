@@ -35,8 +35,8 @@ __all__ = [
     "x0_from_velocity",
 ]
 
-SDEKind = Literal["flow_grpo", "dance", "cps"]
-SDE_KINDS: tuple[str, ...] = ("flow_grpo", "dance", "cps")
+SDEKind = Literal["flow_grpo", "dance", "cps", "dpm"]
+SDE_KINDS: tuple[str, ...] = ("flow_grpo", "dance", "cps", "dpm")
 Reduction = Literal["mean", "sum"]
 LOG_PROB_REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 LogProbForm = Literal["gaussian", "flow_grpo_cps"]
@@ -95,6 +95,8 @@ class SDENoise:
           ``eta`` (about 0.3).
         - ``"cps"``: coefficients-preserving sampling, ``std = t_next sin(a pi / 2)``;
           ``level`` is ``a``.
+        - ``"dpm"``: first-order SDE-DPM-Solver++ (MixGRPO's ``dpm_step`` with
+          ``sde_solver=True``); the SDE fixes its own noise, ``level`` is not used.
     """
 
     kind: SDEKind = "flow_grpo"
@@ -128,6 +130,16 @@ def sde_moments(
         std  = t_next sin(a pi / 2)
         mean = x0_hat (1 - t_next) + eps_hat sqrt(t_next^2 - std^2)
 
+    ``dpm``, first-order SDE-DPM-Solver++ (Lu et al. 2022, eq. for ``sde-dpmsolver++``; as
+    Tencent-Hunyuan/MixGRPO @ e5cdd6a ``sampling_utils.dpm_solver_first_order_update`` and
+    diffusers' ``DPMSolverMultistepScheduler``), with ``alpha = 1 - t``, ``sigma = t``,
+    ``lambda = log(alpha / sigma)`` and ``h = lambda(t_next) - lambda(t) > 0``::
+
+        mean = (t_next / t) e^{-h} x + (1 - t_next) (1 - e^{-2h}) x0_hat
+        std  = t_next sqrt(1 - e^{-2h})
+
+    (at ``t = 1``, ``e^{-h} = 0``; ``t_next = 0`` would leave no noise, so it is refused).
+
     Returns:
         ``mean`` shaped like ``x`` (float32) and ``std`` broadcastable to it.
     """
@@ -135,6 +147,13 @@ def sde_moments(
     if bool((tn >= tc).any()) or bool((tn < 0).any()):
         raise ValueError("an SDE step needs 0 <= t_next < t")
     x, v = upcast(x), upcast(v)
+    if noise.kind == "dpm":
+        if bool((tn <= 0).any()):
+            raise ValueError("an SDE-DPM-Solver step ending at t = 0 has no noise: keep the final step deterministic")
+        e_h = (1 - tc) * tn / (tc * (1 - tn))  # e^{-h} = (alpha_s / sigma_s) / (alpha_t / sigma_t), 0 at t = 1
+        keep = 1 - e_h**2
+        mean = tn / tc * e_h * x + (1 - tn) * keep * (x - tc * v)
+        return mean, tn * torch.sqrt(keep)
     eps_hat = x + (1 - tc) * v
     if noise.kind == "cps":
         std = tn * math.sin(noise.level * math.pi / 2)

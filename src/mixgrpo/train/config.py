@@ -152,9 +152,11 @@ class TrainConfig:
             raise ValueError(f"weighting.name={w.name} weighs several rewards; this config has one ({names[0]}): "
                              "add a reward, or use weighting.name=static")
         if w.name == "gradient":
-            if self.optim.inner_epochs != 1 or self.loss.ovf_keep is not None or self.sampler.tree_splits:
+            if (self.optim.inner_epochs != 1 or self.optim.minibatches != 1 or self.loss.ovf_keep is not None
+                    or self.sampler.tree_splits):
                 raise ValueError("weighting.name=gradient combines one gradient per reward per iteration: it needs "
-                                 "optim.inner_epochs=1, no loss.ovf_keep and no sampler.tree_splits")
+                                 "optim.inner_epochs=1, optim.minibatches=1, no loss.ovf_keep and no "
+                                 "sampler.tree_splits")
             if self.parallel == "fsdp":
                 raise ValueError("weighting.name=gradient keeps one full gradient per reward, which FSDP shards: "
                                  "use parallel=ddp")

@@ -10,6 +10,7 @@ import torch
 
 from ..core.forward_losses import AWM_WEIGHTINGS, OBJECTIVES
 from ..core.grpo import MULTI_REWARD_MODES, STD_MODES
+from ..core.minibatches import MINIBATCH_ORDERS
 from ..core.objective import KL_FORMS, STEP_WEIGHTS
 from ..core.sampler import ODE_SOLVERS
 from ..core.steps import LOG_PROB_FORMS, LOG_PROB_REDUCTIONS, SDE_KINDS
@@ -23,7 +24,7 @@ __all__ = ["LossConfig", "ModelConfig", "OptimConfig", "SamplerConfig", "Schedul
 class SamplerConfig:
     num_steps: int = 25  # T, the training grid (MixGRPO: 25)
     shift: float | str = 3.0  # time shift of the grid (MixGRPO FLUX scripts: 3); "scheduler" = the model's scheduler config
-    sde_kind: str = "flow_grpo"  # flow_grpo | dance | cps: the exploration step
+    sde_kind: str = "flow_grpo"  # flow_grpo | dance | cps | dpm (SDE-DPM-Solver++, first order): the exploration step
     noise_level: float = 0.7  # a (flow_grpo, cps) or eta (dance)
     sde_on: str = "trained"  # "trained": SDE only on trained steps (MixGRPO); "all": every trainable step; "none": ODE only
     rollout_policy: str = "current"  # current | old: sample with the lagging old policy (DiffusionNFT)
@@ -186,7 +187,12 @@ class OptimConfig:
     weight_decay: float = 1e-4  # MixGRPO: 1e-4
     grad_clip: float = 1.0  # max grad norm (MixGRPO: 1.0)
     micro_batch: int = 16  # samples per backward pass; gradients accumulate over the batch
-    inner_epochs: int = 1  # optimisation passes over each rollout batch (1: ratio stays 1)
+    inner_epochs: int = 1  # optimisation passes over each rollout batch
+    # optimizer steps per inner epoch, each on its slice of every group (core/minibatches.py):
+    # the references' samples per GPU / gradient_accumulation_steps (MixGRPO 12/3 = 4, DanceGRPO
+    # 12/4 = 3, Flow-GRPO 2, DiffusionNFT and AWM 1). With 1 step per rollout the ratio stays 1.
+    minibatches: int = 1
+    minibatch_order: str = "none"  # none | random | balance: MixGRPO's advantage_rerange_strategy
     ema: float | None = None  # EMA decay of the trained weights, None to disable
     max_nonfinite: int = 3  # stop after this many consecutive iterations with NaN/Inf (skipped updates)
 
@@ -195,8 +201,11 @@ class OptimConfig:
             raise ValueError(f"optim.max_nonfinite must be >= 1, got {self.max_nonfinite}")
         if not self.lr > 0 or self.weight_decay < 0 or not self.grad_clip > 0:
             raise ValueError("optim.lr and optim.grad_clip must be > 0 and optim.weight_decay >= 0")
-        if self.micro_batch < 1 or self.inner_epochs < 1:
-            raise ValueError("optim.micro_batch and optim.inner_epochs must be >= 1")
+        if self.micro_batch < 1 or self.inner_epochs < 1 or self.minibatches < 1:
+            raise ValueError("optim.micro_batch, optim.inner_epochs and optim.minibatches must be >= 1")
+        if self.minibatch_order not in MINIBATCH_ORDERS:
+            raise ValueError(f"optim.minibatch_order must be one of {', '.join(MINIBATCH_ORDERS)}, "
+                             f"got {self.minibatch_order!r}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ValueError(f"optim.ema must be in (0, 1) or null, got {self.ema}")
 

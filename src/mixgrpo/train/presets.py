@@ -18,8 +18,7 @@ __all__ = ["PRESETS", "make_preset"]
 def _cpu_scale(cfg: TrainConfig) -> None:
     """Budget shared by every preset on the embedded model (GPU papers: 12 images/prompt,
     lr 1e-5 on FLUX, 300 iterations): 4 prompts x 8 images, 60 iterations. (`make demo`
-    adds ``model.dtype=bfloat16``: about 2x faster on a CPU, and the importance ratio stays
-    exactly 1 at the update.)"""
+    adds ``model.dtype=bfloat16``: about 2x faster on a CPU.)"""
     cfg.iterations = 60
     cfg.prompts_per_iter = 4
     cfg.group_size = 8
@@ -36,7 +35,9 @@ def mixgrpo(cfg: TrainConfig) -> None:
     loss on the window only, the window starting at the noisiest step and moving by 1;
     shared initial noise per group; per-reward group normalisation with the reference's
     ``(r - mean) / (std + 1e-8)``, torch's unbiased std (Tencent-Hunyuan/MixGRPO @ e5cdd6a,
-    ``train_grpo_flux.py``); clip 1e-4, A_max 5, no KL. The reference caps the window start
+    ``train_grpo_flux.py``); clip 1e-4, A_max 5, no KL; 4 optimizer steps per rollout, each on
+    a quarter of every group (``finetune_flux_grpo_MixGRPO.sh``: 12 samples per GPU,
+    ``gradient_accumulation_steps=3``). The reference caps the window start
     with ``range(cur, min(cur + 4, T - 2))`` and so never trains step T - 2; ours slides the
     full window up to it (``schedule.max_start`` caps it lower)."""
     _cpu_scale(cfg)
@@ -47,6 +48,7 @@ def mixgrpo(cfg: TrainConfig) -> None:
     cfg.loss.clip_range, cfg.loss.adv_clip, cfg.loss.kl_beta = 1e-4, 5.0, 0.0
     cfg.loss.multi_reward_mode = "normalize_then_sum"
     cfg.loss.std_unbiased, cfg.loss.adv_eps = True, 1e-8
+    cfg.optim.minibatches = 4  # its scripts: 12 samples per GPU, an optimizer step every 3
 
 
 def mixgrpo_cps(cfg: TrainConfig) -> None:
@@ -55,9 +57,8 @@ def mixgrpo_cps(cfg: TrainConfig) -> None:
     ``-mean((x' - mean)^2)`` (yifan123/flow_grpo @ 54809b5, ``sd3_sde_with_logprob.py``; the
     MixGRPO code at e5cdd6a has no CPS). Noise level 0.8 and clip 1e-5 as Flow-GRPO's CPS
     configs (``config/grpo.py``, ``*_fast_nocfg``): that log-prob's ratios move on the scale
-    ``2 std^2`` times the mean-reduced Gaussian's. With one optimizer step per rollout the
-    ratio is exactly 1 at the update, so the clip never binds here; the form only reweights
-    the steps' gradients."""
+    ``2 std^2`` times the mean-reduced Gaussian's. The ratio is exactly 1 at the first of the
+    rollout's 4 optimizer steps and moves from the second on."""
     mixgrpo(cfg)
     cfg.sampler.sde_kind, cfg.sampler.noise_level = "cps", 0.8
     cfg.loss.logprob_form, cfg.loss.clip_range = "flow_grpo_cps", 1e-5
@@ -83,7 +84,8 @@ def flow_grpo(cfg: TrainConfig) -> None:
     summed then normalised with one std over the whole batch (``global_std``, its SD3
     configs), KL to the reference in its form ``mean((mean - mean_ref)^2) / (2 g^2)`` with
     beta 0.04, clip 1e-4 (yifan123/flow_grpo @ 54809b5 ``config/grpo.py``, and
-    ``scripts/train_sd3.py`` @ ac4c86e)."""
+    ``scripts/train_sd3.py`` @ ac4c86e); two optimizer steps per rollout (its configs'
+    ``gradient_accumulation_steps = num_batches_per_epoch // 2``)."""
     _cpu_scale(cfg)
     cfg.sampler.sde_kind, cfg.sampler.noise_level, cfg.sampler.sde_on = "flow_grpo", 0.7, "all"
     cfg.sampler.shared_noise = False
@@ -91,6 +93,7 @@ def flow_grpo(cfg: TrainConfig) -> None:
     cfg.loss.clip_range, cfg.loss.adv_clip, cfg.loss.kl_beta = 1e-4, 5.0, 0.04
     cfg.loss.kl_form, cfg.loss.std_mode = "flow_grpo", "global"
     cfg.loss.multi_reward_mode = "sum_then_normalize"
+    cfg.optim.minibatches = 2  # gradient_accumulation_steps = num_batches_per_epoch // 2: 2 steps per epoch
 
 
 def flow_grpo_guard(cfg: TrainConfig) -> None:
@@ -106,7 +109,8 @@ def dance_grpo(cfg: TrainConfig) -> None:
     """DanceGRPO: eta-form SDE (eta = 0.3) on every step; each sample trains its own random
     ``int(0.6 * 24) = 14`` steps (a fresh permutation per sample, XueZeyue/DanceGRPO @ 15cc71d
     ``train_grpo_flux.py``); shared initial noise per group; ``(r - mean) / (std + 1e-8)``
-    with torch's unbiased std; no KL, clip 1e-4."""
+    with torch's unbiased std; no KL, clip 1e-4; 3 optimizer steps per rollout
+    (``finetune_flux_grpo.sh``: 12 samples per GPU, ``gradient_accumulation_steps 4``)."""
     _cpu_scale(cfg)
     cfg.sampler.sde_kind, cfg.sampler.noise_level, cfg.sampler.sde_on = "dance", 0.3, "all"
     cfg.sampler.shared_noise = True
@@ -114,6 +118,7 @@ def dance_grpo(cfg: TrainConfig) -> None:
     cfg.loss.clip_range, cfg.loss.adv_clip, cfg.loss.kl_beta = 1e-4, 5.0, 0.0
     cfg.loss.multi_reward_mode = "normalize_then_sum"
     cfg.loss.std_unbiased, cfg.loss.adv_eps = True, 1e-8
+    cfg.optim.minibatches = 3
 
 
 def branch_grpo(cfg: TrainConfig) -> None:
@@ -124,8 +129,7 @@ def branch_grpo(cfg: TrainConfig) -> None:
     (scored at the unscaled std); a node's reward is the mean of its leaves', each edge gets
     its child's advantage among the nodes of its depth (unbiased std + 1e-8, clip 5); the
     PPO loss (clip 1e-3) on every edge once, no KL. Deviations: the reference takes an
-    optimizer step every 12 edges (about 37 per iteration on 8 GPUs), ours one per iteration
-    as every preset; its last step (to t = 0) is stochastic and trained, ours is the plain
+    optimizer step every 12 edges (about 37 per iteration on 8 GPUs), ours one per iteration; its last step (to t = 0) is stochastic and trained, ours is the plain
     final step (no SDE density there); 2 prompts x 16 leaves per iteration (its 16 x 16)."""
     _cpu_scale(cfg)
     cfg.prompts_per_iter, cfg.group_size = 2, 16
