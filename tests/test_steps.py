@@ -33,7 +33,7 @@ class TinyVelocity(torch.nn.Module):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("kind", ["flow_grpo", "dance", "cps", "dpm"])
+@pytest.mark.parametrize("kind", ["flow_grpo", "dance", "cps", "dpm", "ddim"])
 def test_log_prob_equals_torch_normal(kind, reduction):
     gen = torch.Generator().manual_seed(0)
     x, v = torch.randn(4, 3, 5, 5, generator=gen), torch.randn(4, 3, 5, 5, generator=gen)
@@ -97,7 +97,7 @@ def test_cps_last_step_is_the_clean_prediction_and_has_no_density():
         gaussian_log_prob(mean, mean, std, "mean")
 
 
-@pytest.mark.parametrize("kind", ["flow_grpo", "dance", "cps", "dpm"])
+@pytest.mark.parametrize("kind", ["flow_grpo", "dance", "cps", "dpm", "ddim"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_recomputed_ratio_is_exactly_one_for_unchanged_parameters(kind, reduction):
     model = TinyVelocity()
@@ -160,8 +160,10 @@ def test_bad_inputs_raise_clear_errors():
         SDENoise("ddpm", 0.5)
     with pytest.raises(ValueError, match="noise level must be a finite number > 0"):
         SDENoise("flow_grpo", 0.0)
-    with pytest.raises(ValueError, match=r"CPS noise level a must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"cps noise level must be in \(0, 1\]"):
         SDENoise("cps", 1.5)
+    with pytest.raises(ValueError, match=r"ddim noise level must be in \(0, 1\]"):
+        SDENoise("ddim", 1.5)
     with pytest.raises(ValueError, match="unknown log-prob reduction 'max'"):
         gaussian_log_prob(x, x, 1.0, "max")
     with pytest.raises(ValueError, match="t_next < t"):

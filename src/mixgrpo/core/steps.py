@@ -35,8 +35,8 @@ __all__ = [
     "x0_from_velocity",
 ]
 
-SDEKind = Literal["flow_grpo", "dance", "cps", "dpm"]
-SDE_KINDS: tuple[str, ...] = ("flow_grpo", "dance", "cps", "dpm")
+SDEKind = Literal["flow_grpo", "dance", "cps", "dpm", "ddim"]
+SDE_KINDS: tuple[str, ...] = ("flow_grpo", "dance", "cps", "dpm", "ddim")
 Reduction = Literal["mean", "sum"]
 LOG_PROB_REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 LogProbForm = Literal["gaussian", "flow_grpo_cps"]
@@ -97,6 +97,8 @@ class SDENoise:
           ``level`` is ``a``.
         - ``"dpm"``: first-order SDE-DPM-Solver++ (MixGRPO's ``dpm_step`` with
           ``sde_solver=True``); the SDE fixes its own noise, ``level`` is not used.
+        - ``"ddim"``: DDIM with ``eta = level`` (DDPO, DanceGRPO's SD path) on the VP model
+          that shares the flow's marginals (:mod:`.vp`); ``eta = 1`` is DDPM's posterior.
     """
 
     kind: SDEKind = "flow_grpo"
@@ -107,8 +109,8 @@ class SDENoise:
             raise ValueError(f"unknown SDE kind {self.kind!r}; choose one of {SDE_KINDS}")
         if not (math.isfinite(self.level) and self.level > 0):
             raise ValueError(f"SDE noise level must be a finite number > 0, got {self.level}")
-        if self.kind == "cps" and self.level > 1:
-            raise ValueError(f"CPS noise level a must be in (0, 1], got {self.level}")
+        if self.kind in ("cps", "ddim") and self.level > 1:
+            raise ValueError(f"{self.kind} noise level must be in (0, 1], got {self.level}")
 
 
 def sde_moments(
@@ -140,6 +142,15 @@ def sde_moments(
 
     (at ``t = 1``, ``e^{-h} = 0``; ``t_next = 0`` would leave no noise, so it is refused).
 
+    ``ddim`` is DDIM's eta step (DDPO ``ddim_step_with_logprob``) in the flow coordinates
+    ``y = x / c`` of :mod:`.vp`, with ``a, s, c`` of ``t`` and ``a', s', c'`` of ``t_next``::
+
+        sigma_eta = eta sqrt((s'^2 / s^2) (1 - a^2 / a'^2))        (DDIM's std in x)
+        std  = sigma_eta / c'
+        mean = x0_hat (1 - t_next) + eps_hat sqrt(t_next^2 - std^2)
+
+    the CPS form with DDIM's std; ``eta = 0`` is the Euler step.
+
     Returns:
         ``mean`` shaped like ``x`` (float32) and ``std`` broadcastable to it.
     """
@@ -155,8 +166,13 @@ def sde_moments(
         mean = tn / tc * e_h * x + (1 - tn) * keep * (x - tc * v)
         return mean, tn * torch.sqrt(keep)
     eps_hat = x + (1 - tc) * v
-    if noise.kind == "cps":
-        std = tn * math.sin(noise.level * math.pi / 2)
+    if noise.kind in ("cps", "ddim"):
+        if noise.kind == "cps":
+            std = tn * math.sin(noise.level * math.pi / 2)
+        else:  # on the VP curve a^2 + s^2 = 1: (a, s) = (1 - t, t) / sqrt((1 - t)^2 + t^2)
+            norm, norm_n = (1 - tc) ** 2 + tc**2, (1 - tn) ** 2 + tn**2
+            s2, s2n, a2, a2n = tc**2 / norm, tn**2 / norm_n, (1 - tc) ** 2 / norm, (1 - tn) ** 2 / norm_n
+            std = noise.level * torch.sqrt((s2n / s2) * (1 - a2 / a2n)) * torch.sqrt(norm_n)
         x0_hat = x - tc * v
         mean = x0_hat * (1 - tn) + eps_hat * torch.sqrt(tn**2 - std**2)
         return mean, std
