@@ -3,7 +3,9 @@
 from .base import (
     Reward,
     check_images,
+    check_videos,
     get_reward,
+    is_video_reward,
     list_rewards,
     register_reward,
     score,
@@ -16,6 +18,7 @@ from .flatness import FlatnessReward
 from .imagereward import ImageRewardReward
 from .official import OfficialHPS, OfficialImageReward
 from .preference import CLIPScoreReward, HPSv21Reward, PickScoreReward
+from .video import PerFrameReward, TemporalConsistencyReward
 from .vlm_judge import VLMJudgeReward
 
 __all__ = [
@@ -28,11 +31,15 @@ __all__ = [
     "ImageRewardReward",
     "OfficialHPS",
     "OfficialImageReward",
+    "PerFrameReward",
     "PickScoreReward",
     "Reward",
+    "TemporalConsistencyReward",
     "VLMJudgeReward",
     "check_images",
+    "check_videos",
     "get_reward",
+    "is_video_reward",
     "list_rewards",
     "register_reward",
     "score",
