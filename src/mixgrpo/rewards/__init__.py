@@ -3,11 +3,13 @@
 from .base import (
     Reward,
     check_images,
+    check_reward_input,
     check_videos,
     get_reward,
     is_video_reward,
     list_rewards,
     register_reward,
+    registered_reward,
     score,
     validate_reward_output,
 )
@@ -37,11 +39,13 @@ __all__ = [
     "TemporalConsistencyReward",
     "VLMJudgeReward",
     "check_images",
+    "check_reward_input",
     "check_videos",
     "get_reward",
     "is_video_reward",
     "list_rewards",
     "register_reward",
+    "registered_reward",
     "score",
     "validate_reward_output",
 ]

@@ -154,6 +154,26 @@ def is_video_reward(reward: object) -> bool:
     return bool(getattr(reward, "video", False))
 
 
+def check_reward_input(reward: object, name: str, videos: bool, shape: tuple[int, ...] | None = None) -> None:
+    """One line when ``reward`` (an instance, or its registered class) cannot score what a model
+    makes: an image reward on videos (the fix: wrap it in ``per-frame``) or a video reward on
+    images. ``shape``: the batch's, for the message."""
+    made = "videos" if videos else "images"
+    got = f"got {made} {tuple(shape)}" if shape is not None else f"this model makes {made}"
+    if videos and not is_video_reward(reward):
+        raise ValueError(f"reward {name!r} scores images (B, 3, H, W) but {got}; score them "
+                         f"frame by frame with rewards: {{per-frame: {{weight: 1, reward: {name}}}}}")
+    if not videos and is_video_reward(reward):
+        raise ValueError(f"reward {name!r} scores videos (B, F, 3, H, W) but {got}; "
+                         "use it on a video model, or pick an image reward")
+
+
+def registered_reward(name: str) -> Callable[..., Reward] | None:
+    """The class (or factory) registered as ``name``, or None; for checks before any reward is built."""
+    _load_entry_points()
+    return _REGISTRY.get(name)
+
+
 def validate_reward_output(values: torch.Tensor, batch: int, name: str, *, allow_nonfinite: bool = False) -> torch.Tensor:
     """A reward's output as ``(B,)`` float32.
 
@@ -182,13 +202,9 @@ def score(reward: Reward, images: torch.Tensor, prompts: list[str], *, allow_non
     NaN/Inf scores back rather than an error. ``images`` may be ``(B, F, 3, H, W)`` videos
     for a video reward."""
     name = getattr(reward, "name", repr(reward))
-    if isinstance(images, torch.Tensor) and images.ndim == 5 and not is_video_reward(reward):
-        raise ValueError(f"reward {name!r} scores images (B, 3, H, W) but got videos {tuple(images.shape)}; score them "
-                         f"frame by frame with rewards: {{per-frame: {{weight: 1, reward: {name}}}}}")
+    if isinstance(images, torch.Tensor) and images.ndim in (4, 5):
+        check_reward_input(reward, name, images.ndim == 5, images.shape)
     if is_video_reward(reward):
-        if isinstance(images, torch.Tensor) and images.ndim == 4:
-            raise ValueError(f"reward {name!r} scores videos (B, F, 3, H, W) but got images {tuple(images.shape)}; "
-                             "use it on a video model, or pick an image reward")
         check_videos(images, prompts)
     else:
         check_images(images, prompts)
