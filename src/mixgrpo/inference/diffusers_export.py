@@ -1,4 +1,4 @@
-"""Export a FLUX.1 / FLUX.2 / SD3 / Qwen-Image run in the formats diffusers reads.
+"""Export a FLUX.1 / FLUX.2 / SD3 / Qwen-Image / Wan run in the formats diffusers reads.
 
 * LoRA, ``lora="adapter"``: ``pytorch_lora_weights.safetensors`` written by the pipeline
   class's own ``save_lora_weights`` (keys ``transformer.<module>.lora_A.weight``), so
@@ -27,7 +27,8 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' lo
 _CLASSES = {"flux": ("FluxTransformer2DModel", "FluxPipeline"),
             "sd3": ("SD3Transformer2DModel", "StableDiffusion3Pipeline"),
             "qwen-image": ("QwenImageTransformer2DModel", "QwenImagePipeline"),
-            "flux2": ("Flux2Transformer2DModel", "Flux2Pipeline")}
+            "flux2": ("Flux2Transformer2DModel", "Flux2Pipeline"),
+            "wan": ("WanTransformer3DModel", "WanPipeline")}
 
 
 def export_diffusers_run(run: Path, out: Path, *, lora: str, ema: bool = True, on_note=None) -> Path:
@@ -67,7 +68,7 @@ def export_diffusers_run(run: Path, out: Path, *, lora: str, ema: bool = True, o
         transformer.save_pretrained(out / "transformer", safe_serialization=True)
         meta = {"base_model": str(m.path), "exported_from": f"{ckpt} ({which}weights)"}
     # what `mixgrpo sample/eval` need to sample the export as the run did
-    meta.update(image_size=m.image_size, flux_guidance=m.flux_guidance, shift=m.shift)
+    meta.update(image_size=m.image_size, flux_guidance=m.flux_guidance, shift=m.shift, frames=m.frames)
     if m.embeddings and (Path(m.embeddings) / "index.json").is_file():  # the text length its prompts were encoded at
         meta["max_sequence_length"] = json.loads((Path(m.embeddings) / "index.json").read_text()).get("max_sequence_length")
     (out / "mixgrpo_export.json").write_text(json.dumps(meta, indent=1) + "\n")

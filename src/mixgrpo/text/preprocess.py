@@ -13,7 +13,9 @@ prompt's (``negative_embeds``, ``negative_pooled``: SD3 uses real classifier-fre
 Qwen-Image: Qwen2.5-VL states with their 0/1 ``prompt_mask``, zero-padded to the longest
 prompt, plus the negative prompt ``" "``'s (``negative_embeds``, ``negative_mask``) for its
 true CFG. FLUX.2: Mistral-3 states of three layers, padded to the sequence length (no mask,
-no pooled vector; about 31 MB per prompt at length 512 in float32).
+no pooled vector; about 31 MB per prompt at length 512 in float32). Wan: UMT5 states, zero
+after each prompt's tokens, at the full sequence length (512; about 8 MB per prompt in float32),
+plus the negative prompt ``""``'s (``negative_embeds``), the pipeline's default, for its CFG.
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ from safetensors.torch import load_file, save_file
 
 __all__ = ["SUPPORTED_PIPELINES", "load_embeddings", "pipeline_class", "preprocess_prompts", "write_embeddings"]
 
-SUPPORTED_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline", "QwenImagePipeline", "Flux2Pipeline")
+IMAGE_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline", "QwenImagePipeline", "Flux2Pipeline")
+VIDEO_PIPELINES = ("WanPipeline",)
+SUPPORTED_PIPELINES = IMAGE_PIPELINES + VIDEO_PIPELINES
 # the text length each pipeline encodes at by default (its __call__'s max_sequence_length)
-DEFAULT_LENGTH = {"FluxPipeline": 512, "StableDiffusion3Pipeline": 256, "QwenImagePipeline": 512, "Flux2Pipeline": 512}
+DEFAULT_LENGTH = {"FluxPipeline": 512, "StableDiffusion3Pipeline": 256, "QwenImagePipeline": 512, "Flux2Pipeline": 512,
+                  "WanPipeline": 512}
 QWEN_NEGATIVE_PROMPT = " "  # the "empty" negative prompt diffusers' Qwen-Image docs use for true CFG
 INDEX = "index.json"
 
@@ -46,7 +51,8 @@ def pipeline_class(model_dir: str | Path) -> str:
     name = json.loads(index.read_text()).get("_class_name")
     if name not in SUPPORTED_PIPELINES:
         raise ValueError(f"{index} describes {name!r}; supported pipelines (text-to-image): "
-                         f"{', '.join(SUPPORTED_PIPELINES)}: pass the folder of one of them")
+                         f"{', '.join(IMAGE_PIPELINES)}; (text-to-video): {', '.join(VIDEO_PIPELINES)}: "
+                         "pass the folder of one of them")
     return name
 
 
@@ -106,6 +112,10 @@ def _encode(pipe, name: str, batch: list[str], length: int) -> dict[str, torch.T
             parts["prompt_embeds" if key == "prompt" else "negative_embeds"] = embeds
             parts[f"{key}_mask"] = mask
         return parts
+    if name == "WanPipeline":
+        embeds, neg = pipe.encode_prompt(batch, negative_prompt="", do_classifier_free_guidance=True,
+                                         max_sequence_length=length)
+        return {"prompt_embeds": embeds, "negative_embeds": neg}
     embeds, _ = pipe.encode_prompt(batch, max_sequence_length=length)  # Flux2Pipeline
     return {"prompt_embeds": embeds}
 
