@@ -42,6 +42,7 @@ from tiny_backbones import (  # noqa: E402
     PROMPTS,
     SIDE,
     STEPS,
+    check_bf16_checkpointed_step,
     check_exports,
     check_full_fine_tune,
     run_config,
@@ -206,6 +207,10 @@ def test_every_preset_steps_on_videos(world, preset):
     row = trainer.step(0)
     assert row["nonfinite_samples"] == 0 and torch.isfinite(torch.tensor(row["loss"]))
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params, strict=True))
+
+
+def test_bf16_lora_with_gradient_checkpointing_steps(world):
+    check_bf16_checkpointed_step("wan", world["pipe"], world["emb"], f"model.frames={FRAMES}", VIDEO_REWARDS)
 
 
 def test_full_fine_tune_exports_a_transformer_folder(world, tmp_path):
