@@ -18,6 +18,7 @@ from .composition import CompositionReward
 from .composition_v1 import CompositionV1Reward
 from .flatness import FlatnessReward
 from .imagereward import ImageRewardReward
+from .motion import MotionCompositionReward
 from .official import OfficialHPS, OfficialImageReward
 from .preference import CLIPScoreReward, HPSv21Reward, PickScoreReward
 from .video import PerFrameReward, TemporalConsistencyReward
@@ -31,6 +32,7 @@ __all__ = [
     "FlatnessReward",
     "HPSv21Reward",
     "ImageRewardReward",
+    "MotionCompositionReward",
     "OfficialHPS",
     "OfficialImageReward",
     "PerFrameReward",
