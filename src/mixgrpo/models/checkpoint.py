@@ -17,15 +17,18 @@ from torch import nn
 
 from .tiny_dit import TinyDiT, TinyDiTConfig
 from .tiny_unet import TinyUNet, TinyUNetConfig
+from .tiny_video import TinyVideoUNet, TinyVideoUNetConfig
 
 __all__ = ["ARCHITECTURES", "BASE_CHECKPOINT", "CONFIG", "WEIGHTS", "EmbeddedModel", "build_embedded", "load_embedded",
            "read_config", "save_embedded"]
 
-EmbeddedModel = TinyDiT | TinyUNet
-# config.json's model_type -> (config class, model class); the shipped base is a tiny-unet.
+EmbeddedModel = TinyDiT | TinyUNet | TinyVideoUNet
+# config.json's model_type -> (config class, model class); the shipped base is a tiny-unet,
+# tiny-video-unet the moving-shapes world's video model
 ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     "tiny-dit": (TinyDiTConfig, TinyDiT),
     "tiny-unet": (TinyUNetConfig, TinyUNet),
+    "tiny-video-unet": (TinyVideoUNetConfig, TinyVideoUNet),
 }
 
 WEIGHTS = "model.safetensors"
@@ -43,7 +46,7 @@ def _atomic_write(path: Path, write) -> None:
 
 def _model_type(model: nn.Module) -> str:
     for name, (_, cls) in ARCHITECTURES.items():
-        if isinstance(model, cls):
+        if type(model) is cls:  # exact: the video U-Net is a U-Net subclass
             return name
     raise TypeError(f"{type(model).__name__} is not an embedded model; use one of {', '.join(ARCHITECTURES)}")
 

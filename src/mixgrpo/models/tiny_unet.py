@@ -25,6 +25,7 @@ The sampler sees it only through :meth:`TinyUNet.velocity` (``v = eps - x0``), a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -36,6 +37,8 @@ from ..text import MAX_TOKENS, TEXT_DIM
 from .tiny_dit import GuidedVelocity, TextCondition, timestep_embedding
 
 __all__ = ["TinyUNet", "TinyUNetConfig"]
+
+Mix = Callable[[str, int, torch.Tensor], torch.Tensor]  # (stage, level, features) -> features
 
 
 @dataclass(frozen=True)
@@ -194,19 +197,35 @@ class TinyUNet(GuidedVelocity, nn.Module):
             raise ValueError(
                 f"expected images of shape (B, {cfg.channels}, {cfg.image_size}, {cfg.image_size}), got {tuple(x.shape)}"
             )
-        emb = self.time_mlp(timestep_embedding(t, cfg.emb_dim).to(x.dtype)) + self.pooled_in(cond.pooled.to(x.dtype))
+        return self._trunk(x, self._embed(t, cond, x.dtype), cond)
+
+    def _embed(self, t: torch.Tensor, cond: TextCondition, dtype: torch.dtype) -> torch.Tensor:
+        """``MLP(sincos(1000 t)) + Linear(pooled text)``, ``(B, emb_dim)``: what drives every FiLM."""
+        emb_dim = self.config.emb_dim
+        return self.time_mlp(timestep_embedding(t, emb_dim).to(dtype)) + self.pooled_in(cond.pooled.to(dtype))
+
+    def _trunk(self, x: torch.Tensor, emb: torch.Tensor, cond: TextCondition, mix: Mix | None = None) -> torch.Tensor:
+        """Stem, down path, middle, up path and head on ``(N, C, H, W)``. ``mix(stage, level, h)``,
+        when given, runs after each level's units ("down" / "up", level index) and after the
+        middle ("mid", 0): the video model's temporal mixing hooks in there."""
         h = self.stem(x)  # (B, w0, H, W)
         skips = []
-        for units, down in zip(self._down, self.downsample, strict=True):
+        for level, (units, down) in enumerate(zip(self._down, self.downsample, strict=True)):
             for u in units:
                 h = self._unit(u, h, emb, cond)
+            if mix is not None:
+                h = mix("down", level, h)
             skips.append(h)
             h = down(h)  # halves H, W
         for u in self._mid:
             h = self._unit(u, h, emb, cond)
-        for units, up in zip(self._up, self.upsample, strict=True):
+        if mix is not None:
+            h = mix("mid", 0, h)
+        for level, (units, up) in enumerate(zip(self._up, self.upsample, strict=True)):
             h = up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
             h = torch.cat([h, skips.pop()], dim=1)
             for u in units:
                 h = self._unit(u, h, emb, cond)
+            if mix is not None:
+                h = mix("up", level, h)
         return self.head(F.silu(self.norm_out(h)))
