@@ -109,8 +109,10 @@ def generate(
 
 
 def pixels_from_samples(x0: torch.Tensor) -> torch.Tensor:
-    """The embedded model works in pixel space scaled to [-1, 1]."""
-    return ((x0 + 1) / 2).clamp(0, 1)
+    """The embedded model works in pixel space scaled to [-1, 1]; a video model's clips
+    ``(B, C, F, H, W)`` come back frames-first, ``(B, F, C, H, W)``, as video rewards take them."""
+    pixels = ((x0 + 1) / 2).clamp(0, 1)
+    return pixels.transpose(1, 2) if pixels.ndim == 5 else pixels
 
 
 def generate_prompts(

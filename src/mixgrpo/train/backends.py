@@ -1,8 +1,8 @@
 """What the trainer trains: a model with ``velocity(x, t, cond)``, its prompts, how prompts
 become conditions and how final samples become images. Every preset runs unchanged on each.
 
-* ``embedded``: the embedded model on the procedural world (prompts from the grammar's
-  train / held-out split, MiniLM embeddings, pixel space);
+* ``embedded``: the embedded model on the procedural world its config names (the image
+  grammar's or the moving-shapes world's train / held-out split, MiniLM embeddings, pixel space);
 * ``flux`` / ``sd3`` / ``qwen-image`` / ``flux2`` / ``wan``: a diffusers transformer from a local
   pipeline folder, conditions from `mixgrpo preprocess` shards (the text encoders are never loaded
   during RL), images (Wan: videos) from the pipeline's VAE.
@@ -40,18 +40,23 @@ class Backend:
     exact_rewards: tuple[str, ...] = ()
     scheduler_shift: float | None = None  # the time shift the model's scheduler config implies (diffusers kinds)
 
+    @property
+    def video(self) -> bool:
+        """Whether the model's samples are videos (its config has ``frames``)."""
+        return getattr(self.model.config, "frames", None) is not None
+
 
 def _embedded(cfg: TrainConfig, model: nn.Module | None) -> Backend:
     from ..models.checkpoint import load_embedded
     from ..text import cached_embeddings
-    from ..world.grammar import heldout_eval_prompts, split_prompts
+    from ..world import world_of
 
     model = model if model is not None else load_embedded(cfg.model.checkpoint)
-    train, heldout = split_prompts()
+    world = world_of(model.config)  # the model says what it generates: image world or moving shapes
+    train, heldout = world.split()
     embeddings = cached_embeddings(train + heldout)
-    return Backend(model, train, heldout_eval_prompts(min(cfg.eval_prompts, len(heldout))),
-                   lambda prompts: condition(embeddings, prompts), pixels_from_samples, model,
-                   cfg.model.lora_targets or None, ("composition", "flatness"), ("composition",))
+    return Backend(model, train, world.eval_prompts(cfg.eval_prompts), lambda prompts: condition(embeddings, prompts),
+                   pixels_from_samples, model, cfg.model.lora_targets or None, world.eval_rewards, world.exact_rewards)
 
 
 def _diffusers(cfg: TrainConfig) -> Backend:

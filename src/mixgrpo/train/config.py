@@ -18,7 +18,6 @@ import yaml
 
 from ..core.windows import WindowSchedule
 from .config_sections import (
-    VIDEO_KINDS,
     LossConfig,
     ModelConfig,
     OptimConfig,
@@ -100,10 +99,11 @@ class TrainConfig:
             raise ValueError(f"rewards must map reward names to weights >= 0 with a positive sum, got {self.rewards}")
         from ..rewards import check_reward_input, registered_reward
 
+        videos = self.model.makes_videos()
         for name in self.rewards:  # an image reward on a video model (or the reverse), before any model loads
             reward = registered_reward(name)
-            if reward is not None:
-                check_reward_input(reward, name, videos=self.model.kind in VIDEO_KINDS)
+            if reward is not None and videos is not None:
+                check_reward_input(reward, name, videos=videos)
         if self.eval_steps is not None and self.eval_steps < 1:
             raise ValueError(f"eval_steps must be >= 1 or null, got {self.eval_steps}")
         if self.eval_every < 1 or self.eval_prompts < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:

@@ -231,6 +231,22 @@ class ModelConfig:
     device: str = "cpu"  # cpu | cuda | cuda:N (noise is always drawn on the CPU: same samples on any device)
     gradient_checkpointing: bool = False  # recompute block activations in backward (less memory, ~30% slower)
 
+    def makes_videos(self) -> bool | None:
+        """Whether the model samples videos: a video kind, or an embedded checkpoint whose
+        config has ``frames`` (the moving-shapes model); None while that checkpoint cannot be
+        read (loading it says why, in one line)."""
+        if self.kind in VIDEO_KINDS:
+            return True
+        if self.kind not in ("embedded", "tiny-dit") or self.checkpoint is None:
+            return False
+        from ..models.checkpoint import read_config
+
+        try:
+            model = read_config(self.checkpoint).get("model")
+        except (FileNotFoundError, ValueError, AttributeError):
+            return None
+        return isinstance(model, dict) and model.get("frames") is not None
+
     def validate(self) -> None:
         if self.kind == "tiny-dit":  # the first round's name, kept so old run folders load
             self.kind = "embedded"

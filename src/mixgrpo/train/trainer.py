@@ -27,7 +27,7 @@ from ..core.tree import tree_advantages
 from ..inference.generate import generate_prompts
 from ..models.lora import adapters_disabled, add_lora
 from ..models.tiny_dit import TextCondition
-from ..rewards import get_reward, score
+from ..rewards import check_reward_input, get_reward, score
 from .backends import make_backend
 from .batch import NonFiniteError, RolloutBatch, nonfinite_samples
 from .config import TrainConfig
@@ -113,6 +113,8 @@ class GRPOTrainer:
             self.old = OldPolicy(self.params, lc.old_flat, lc.old_rate, lc.old_max)
         self.train_prompts, self.eval_prompts = self.backend.train_prompts, self.backend.eval_prompts
         self.rewards = {name: get_reward(name, **options) for name, options in cfg.reward_options.items()}
+        for name, reward in self.rewards.items():  # the loaded model decides (the config may not have known)
+            check_reward_input(reward, name, self.backend.video)
         self.weighting = make_weighting(sorted(cfg.rewards), cfg.reward_weights, cfg.weighting)
         s = cfg.sampler
         self.noise = SDENoise(s.sde_kind, s.noise_level)

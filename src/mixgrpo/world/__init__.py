@@ -1,4 +1,5 @@
-"""The embedded procedural text-to-image world: grammar, renderer, split."""
+"""The embedded procedural worlds: the text-to-image grammar, its moving-shapes variant, renderers,
+splits, and the registry of both (:mod:`.worlds`)."""
 
 from .grammar import (
     BACKGROUND,
@@ -29,6 +30,7 @@ from .motion import (
     split_motion_prompts,
 )
 from .render import MIN_SIZE, render, sample_pairs, shape_template
+from .worlds import WORLDS, World, get_world, world_of
 
 __all__ = [
     "BACKGROUND",
@@ -39,14 +41,17 @@ __all__ = [
     "MIN_SIZE",
     "RELATIONS",
     "SHAPES",
+    "WORLDS",
     "CountSpec",
     "MotionSpec",
     "PromptError",
     "RelationSpec",
     "Spec",
+    "World",
     "all_prompts",
     "format_motion_prompt",
     "format_prompt",
+    "get_world",
     "heldout_eval_prompts",
     "motion_prompts",
     "parse_motion_prompt",
@@ -59,4 +64,5 @@ __all__ = [
     "shape_template",
     "split_motion_prompts",
     "split_prompts",
+    "world_of",
 ]
