@@ -38,43 +38,53 @@ def _command_line(command: str, **params) -> str:
     return " ".join(parts)
 
 
+_UNET_WIDTHS = {"tiny-unet": "32,64,128", "tiny-video-unet": "16,32,64"}  # each U-Net's default channels per level
+
+
 @app.command()
 def pretrain(
     out: Annotated[Path, typer.Option(help="Output folder for the checkpoint, loss curve and sample grid.")],
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2000,
     minutes: Annotated[float | None, typer.Option(help="Stop after this many minutes (saves what it has).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Images (motion: clips) per step.")] = 64,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 6e-4,
-    architecture: Annotated[str, typer.Option(help="tiny-unet (the shipped base) or tiny-dit (the first round's).")] = "tiny-unet",
-    widths: Annotated[str, typer.Option(help="tiny-unet: channels per level, comma-separated.")] = "32,64,128",
+    world: Annotated[str, typer.Option(help="image (the text-to-image grammar) or motion (moving-shapes clips, a video model).")] = "image",
+    architecture: Annotated[str | None, typer.Option(help="tiny-unet (the shipped base) or tiny-dit (the first round's); motion: tiny-video-unet. Default: the world's U-Net.")] = None,
+    widths: Annotated[str | None, typer.Option(help="tiny-unet / tiny-video-unet: channels per level, comma-separated (default 32,64,128 / 16,32,64).")] = None,
     width: Annotated[int, typer.Option(help="tiny-dit: transformer width.")] = 128,
     depth: Annotated[int, typer.Option(help="tiny-dit: transformer blocks.")] = 5,
     heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
     image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 32,
-    prompts: Annotated[str, typer.Option(help="all (every grammar prompt, the shipped base) or train (held-out pairs never seen).")] = "all",
+    frames: Annotated[int, typer.Option(help="tiny-video-unet: frames per clip.")] = 5,
+    prompts: Annotated[str, typer.Option(help="all (every prompt of the world, the shipped base) or train (held-out pairs never seen).")] = "all",
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (about 2x faster on CPU).")] = True,
     seed: Annotated[int, typer.Option(help="Seed for data, init and noise.")] = 0,
 ) -> None:
-    """Rectified-flow pretraining of the embedded model on the procedural world."""
+    """Rectified-flow pretraining of the embedded model on a procedural world."""
     from .pretrain import PretrainConfig
     from .pretrain import pretrain as run_pretrain
 
+    architecture = architecture or ("tiny-video-unet" if world == "motion" else "tiny-unet")
+    unet = architecture in _UNET_WIDTHS
+    widths = (widths or _UNET_WIDTHS[architecture]) if unet else None
     try:
-        if architecture == "tiny-unet":
+        if unet:
             if not all(w.strip().isdigit() for w in widths.split(",")):
                 raise ValueError(f"--widths must be comma-separated channel counts such as 32,64,128, got {widths!r}")
             model = {"widths": [int(w) for w in widths.split(",")], "heads": heads, "image_size": image_size}
+            if architecture == "tiny-video-unet":
+                model["frames"] = frames
         else:
             model = {"width": width, "depth": depth, "heads": heads, "image_size": image_size}
         cfg = PretrainConfig(steps=steps, minutes=minutes, batch_size=batch_size, lr=lr, seed=seed,
-                             architecture=architecture, model=model, prompts=prompts, bf16=bf16)
+                             architecture=architecture, model=model, prompts=prompts, bf16=bf16, world=world)
     except ValueError as err:
         _fail(f"pretrain: {err}")
     command = _command_line("pretrain", out=out, steps=steps, minutes=minutes, batch_size=batch_size, lr=lr,
-                            architecture=architecture, widths=widths if architecture == "tiny-unet" else None,
+                            world=world, architecture=architecture, widths=widths,
                             width=width if architecture == "tiny-dit" else None,
-                            depth=depth if architecture == "tiny-dit" else None, heads=heads,
-                            image_size=image_size, prompts=prompts, seed=seed)
+                            depth=depth if architecture == "tiny-dit" else None, heads=heads, image_size=image_size,
+                            frames=frames if architecture == "tiny-video-unet" else None, prompts=prompts, seed=seed)
     with Progress(TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                   TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("pretrain", total=steps, loss="-")
@@ -161,7 +171,7 @@ def _diffusers_options(embeddings, image_size, flux_guidance, device, offload, d
 
 
 def _load_prompts(prompt: list[str] | None, prompts: str | None, limit: int | None = None,
-                  embeddings: str | None = None) -> list[str]:
+                  embeddings: str | None = None, world: str = "image") -> list[str]:
     from .data import read_prompt_file
 
     if not prompt and not prompts and embeddings:  # every prompt of a preprocess folder
@@ -172,10 +182,10 @@ def _load_prompts(prompt: list[str] | None, prompts: str | None, limit: int | No
     if bool(prompt) == bool(prompts):
         raise ValueError("pass either --prompt TEXT (repeatable) or --prompts FILE (or, for FLUX/SD3, --embeddings "
                          "FOLDER), not both or neither")
-    if prompts == "heldout":
-        from .world.grammar import heldout_eval_prompts
+    if prompts == "heldout":  # the held-out prompts of the world the model generates
+        from .world import get_world
 
-        chosen = heldout_eval_prompts()
+        chosen = get_world(world).heldout()
     else:
         chosen = list(prompt) if prompt else read_prompt_file(prompts)
     if limit is not None:
@@ -212,12 +222,15 @@ def sample(
     from .viz import save_image_grid, save_images
 
     try:
-        chosen = _load_prompts(prompt, prompts, embeddings=embeddings)
+        # 'heldout' means the held-out prompts of the model's world: read once the model is known
+        chosen = _load_prompts(prompt, prompts, embeddings=embeddings) if prompts != "heldout" else []
         if steps < 1:
             raise ValueError(f"--steps must be >= 1, got {steps}")
         _parse_blends(str(blend))
         policy = load_policy(checkpoint, on_note=_note,
                              **_diffusers_options(embeddings, image_size, flux_guidance, device, offload, dtype, frames))
+        if prompts == "heldout":
+            chosen = _load_prompts(prompt, prompts, world=_world_name(policy))
         policy.check_guidance(cfg)
         images = generate_prompts(policy, policy.conditions(chosen), chosen, seed=seed, steps=steps, solver=solver,
                                   guidance=cfg, blend=blend, base=policy.base, decode=policy.decode,
@@ -234,8 +247,8 @@ def sample(
 def eval_(
     out: Annotated[Path, typer.Option(help="JSON file to write (a Markdown table goes beside it).")],
     checkpoint: Annotated[list[str] | None, typer.Option(help="'base', a model/adapter folder or a run folder (repeatable).")] = None,
-    prompts: Annotated[str, typer.Option(help="Prompt file (.txt, .json, .jsonl) or 'heldout' (the 256 held-out prompts training evaluates on).")] = "heldout",
-    rewards: Annotated[str, typer.Option(help="Comma-separated reward names.")] = "composition,flatness",
+    prompts: Annotated[str, typer.Option(help="Prompt file (.txt, .json, .jsonl) or 'heldout' (the model's world's: the 256 held-out prompts training evaluates on; moving shapes: its 12).")] = "heldout",
+    rewards: Annotated[str | None, typer.Option(help="Comma-separated reward names (default: the model's world's verifiers, composition,flatness or motion-composition).")] = None,
     blend: Annotated[str, typer.Option(help="Base-model blend fraction(s), e.g. 0.2 or 0,0.1,0.2,0.3.")] = "0",
     seeds: Annotated[int, typer.Option(help="Samples per prompt (scores are averaged per prompt).")] = 1,
     steps: Annotated[int, typer.Option(help="ODE steps.")] = 25,
@@ -263,16 +276,30 @@ def eval_(
     try:
         d = dist_from_environment(device)  # under torchrun: this rank's process and device; prompts are sharded
         device = d.device if d.enabled else device
-        chosen = _load_prompts(None, None if embeddings and prompts == "heldout" else prompts, limit, embeddings)
+        world_prompts = prompts == "heldout" and not embeddings  # the model's world's: once it is loaded
+        chosen = [] if world_prompts else _load_prompts(None, None if embeddings else prompts, limit, embeddings)
         blends = _parse_blends(blend)
         if seeds < 1 or steps < 1:
             raise ValueError(f"--seeds and --steps must be >= 1, got {seeds} and {steps}")
-        names = [r.strip() for r in rewards.split(",") if r.strip()]
-        if not names:
+        names = [r.strip() for r in rewards.split(",") if r.strip()] if rewards is not None else []
+        if rewards is not None and not names:
             raise ValueError("--rewards is empty; name at least one reward, e.g. composition")
-        scorers = build_rewards(names, load_yaml(str(reward_options)) if reward_options is not None else None)
+        reward_specs = load_yaml(str(reward_options)) if reward_options is not None else None
+        scorers = build_rewards(names, reward_specs) if names else {}  # a bad name fails before any model loads
         options = _diffusers_options(embeddings, image_size, flux_guidance, device, offload, dtype, frames)
         policies = [load_policy(c, on_note=_note, **options) for c in (checkpoint or ["base"])]
+        if world_prompts or rewards is None:
+            worlds = sorted({_world_name(p) for p in policies})
+            if len(worlds) > 1:
+                raise ValueError(f"the checkpoints generate different worlds ({', '.join(worlds)}): evaluate them "
+                                 "separately, or pass --prompts FILE and --rewards")
+            if world_prompts:
+                chosen = _load_prompts(None, prompts, limit, world=worlds[0])
+            if rewards is None:
+                from .world import get_world
+
+                names = list(get_world(worlds[0]).eval_rewards)
+                scorers = build_rewards(names, reward_specs)
     except (ValueError, KeyError, FileNotFoundError, OSError) as err:
         _fail(str(err.args[0]) if isinstance(err, KeyError) else str(err))
     # an interrupted evaluation left its finished parts in OUT.partial: the same command continues
@@ -319,6 +346,13 @@ def eval_(
     progress_file.remove()
     console.print(table, highlight=False, markup=False, soft_wrap=True)  # a Markdown row is never wrapped
     console.print(f"wrote {out}" + (f" and {out.with_suffix('.md')}" if len(results) > 1 else ""), soft_wrap=True)
+
+
+def _world_name(policy) -> str:
+    """The procedural world a policy's model generates (:func:`~mixgrpo.world.world_of`)."""
+    from .world import world_of
+
+    return world_of(policy.config).name
 
 
 def _gatherer(d):

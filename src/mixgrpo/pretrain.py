@@ -13,6 +13,11 @@ prompt of the grammar is seen (``prompts="all"``, as the first base): held-out p
 ones RL never trains on. ``prompts="train"`` keeps the held-out colour-shape pairs from the
 base too; such a base draws an unseen pair in a seen colour or shape (held-out composition
 0.17 after 1,419 steps), which RL on training prompts cannot teach.
+
+``world="motion"`` pretrains a video model (``tiny-video-unet``) on the moving-shapes world
+instead: ``(prompt, clip)`` pairs from :func:`~mixgrpo.world.motion.sample_clips`, prompts
+drawn uniformly (one prompt form), clips ``(B, C, F, H, W)`` and the same loss over every
+frame. The image world's run is unchanged, bitwise.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from .models.checkpoint import ARCHITECTURES, build_embedded, save_embedded
 from .models.tiny_dit import TextCondition
 from .text import cached_embeddings
 from .viz import save_curve, save_image_grid
-from .world import all_prompts, sample_pairs, split_prompts
+from .world import get_world, sample_clips, sample_pairs
 
 __all__ = ["PretrainConfig", "pretrain"]
 
@@ -51,20 +56,27 @@ class PretrainConfig:
     seed: int = 0
     log_every: int = 25
     save_every: int = 500  # write the EMA checkpoint this often, so a killed run keeps its progress
-    architecture: str = "tiny-unet"  # tiny-unet (the shipped base) | tiny-dit (the first round's)
+    architecture: str = "tiny-unet"  # tiny-unet (the shipped base) | tiny-dit (the first round's) | tiny-video-unet (motion)
     model: dict = field(default_factory=dict)  # the architecture's config fields; {} = its defaults
     prompts: str = "all"  # all: every grammar prompt (the shipped base) | train: held-out pairs never seen
     bf16: bool = True  # bf16 autocast: ~2x faster on CPU; the weights and the EMA stay fp32
+    world: str = "image"  # image: the text-to-image grammar | motion: moving-shapes clips (a video architecture)
 
     def __post_init__(self) -> None:
+        get_world(self.world)  # one line naming the worlds
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
         if self.prompts not in ("train", "all"):
             raise ValueError(f"prompts must be 'train' or 'all', got {self.prompts!r}")
         try:
-            ARCHITECTURES[self.architecture][0](**self.model)  # the config class validates; no model is built
+            model = ARCHITECTURES[self.architecture][0](**self.model)  # the config class validates; no model is built
         except TypeError as err:
             raise ValueError(f"invalid {self.architecture} model fields: {err}") from err
+        makes = getattr(model, "world", "image")
+        if makes != self.world:
+            fits = [a for a, (c, _) in ARCHITECTURES.items() if getattr(c(), "world", "image") == self.world]
+            raise ValueError(f"architecture {self.architecture} generates the {makes} world, not {self.world}; "
+                             f"use --architecture {' or '.join(fits)} with --world {self.world}")
         if self.steps < 1 or self.batch_size < 1 or self.save_every < 1:
             raise ValueError(f"steps, batch_size and save_every must be >= 1, got {self.steps}, {self.batch_size}, {self.save_every}")
         if self.minutes is not None and not self.minutes > 0:
@@ -96,14 +108,11 @@ def pretrain(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    prompts = all_prompts() if cfg.prompts == "all" else split_prompts()[0]
+    world = get_world(cfg.world)
+    prompts = world.prompts() if cfg.prompts == "all" else world.split()[0]
     embeddings = cached_embeddings(prompts)
-    # Balanced by prompt form: relation prompts outnumber count prompts 17:1.
-    count_prompts = [p for p in prompts if not p.startswith("a ")]
-    relation_prompts = [p for p in prompts if p.startswith("a ")]
-    half = cfg.batch_size // 2
     model = build_embedded(cfg.architecture, cfg.model)
-    size = model.config.image_size
+    data = _DATA[cfg.world](cfg, prompts, model.config)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -124,12 +133,7 @@ def pretrain(
     for step in range(cfg.steps):
         if cfg.minutes is not None and time.monotonic() - start > 60 * cfg.minutes:
             break
-        seed = cfg.seed * 1_000_003 + step
-        p_count, x_count = sample_pairs(half, seed=2 * seed, prompts=count_prompts, size=size) if half else ([], None)
-        p_rel, x_rel = sample_pairs(cfg.batch_size - half, seed=2 * seed + 1, prompts=relation_prompts, size=size)
-        batch_prompts = p_count + p_rel
-        images = x_rel if x_count is None else torch.cat([x_count, x_rel])
-        x0 = images * 2 - 1
+        batch_prompts, x0 = data.batch(cfg.seed * 1_000_003 + step)
         cond = condition(embeddings, batch_prompts)
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_dropout
         if drop.any():
@@ -141,9 +145,10 @@ def pretrain(
             )
         t = torch.sigmoid(torch.randn(cfg.batch_size, generator=gen))
         eps = torch.randn(x0.shape, generator=gen)
-        x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+        t_b = t.view(-1, *[1] * (x0.ndim - 1))  # broadcast over (C, H, W) or (C, F, H, W)
+        x_t = (1 - t_b) * x0 + t_b * eps
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            v = model(x_t, t, cond)  # (B, 3, H, W)
+            v = model(x_t, t, cond)  # (B, 3, H, W) or (B, 3, F, H, W)
         loss = (v.float() - (eps - x0)).pow(2).mean()
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
@@ -172,7 +177,45 @@ def pretrain(
     if losses:
         save_curve(out / "loss.png", [s for s, _ in losses], {"loss (EMA)": [v for _, v in losses]}, "step",
                    "rectified-flow loss")
-    preview = prompts[:: max(1, len(prompts) // 16)][:16]
-    images = generate(ema, condition(embeddings, preview), seed=cfg.seed)
-    save_image_grid(out / "samples.png", images, preview, columns=8)
+    images = generate(ema, condition(embeddings, data.preview), seed=cfg.seed)
+    save_image_grid(out / "samples.png", images, data.preview, columns=8)  # videos: one frame strip per row
     return out
+
+
+@dataclass
+class _Data:
+    """A world's pretraining data: ``batch(seed)`` -> prompts and ``x0`` in [-1, 1] in the
+    model's layout; ``preview``: the prompts of the final sample grid."""
+
+    batch: Callable[[int], tuple[list[str], torch.Tensor]]
+    preview: list[str]
+
+
+def _image_data(cfg: PretrainConfig, prompts: list[str], model_config) -> _Data:
+    # Balanced by prompt form: relation prompts outnumber count prompts 17:1.
+    count_prompts = [p for p in prompts if not p.startswith("a ")]
+    relation_prompts = [p for p in prompts if p.startswith("a ")]
+    half, size = cfg.batch_size // 2, model_config.image_size
+
+    def batch(seed: int) -> tuple[list[str], torch.Tensor]:
+        p_count, x_count = sample_pairs(half, seed=2 * seed, prompts=count_prompts, size=size) if half else ([], None)
+        p_rel, x_rel = sample_pairs(cfg.batch_size - half, seed=2 * seed + 1, prompts=relation_prompts, size=size)
+        images = x_rel if x_count is None else torch.cat([x_count, x_rel])
+        return p_count + p_rel, images * 2 - 1
+
+    return _Data(batch, prompts[:: max(1, len(prompts) // 16)][:16])
+
+
+def _motion_data(cfg: PretrainConfig, prompts: list[str], model_config) -> _Data:
+    def batch(seed: int) -> tuple[list[str], torch.Tensor]:
+        chosen, clips = sample_clips(cfg.batch_size, seed, prompts=prompts, frames=model_config.frames,
+                                     size=model_config.image_size)  # (B, F, 3, H, W)
+        return chosen, clips.transpose(1, 2) * 2 - 1  # the model's (B, C, F, H, W)
+
+    # the held-out prompts the base saw (all four directions of each pair), then training ones
+    train, heldout = get_world("motion").split()
+    return _Data(batch, [p for p in heldout + train if p in prompts][:16])
+
+
+_DATA: dict[str, Callable[[PretrainConfig, list[str], object], _Data]] = {"image": _image_data,
+                                                                          "motion": _motion_data}
