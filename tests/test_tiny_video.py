@@ -123,11 +123,13 @@ def test_video_config_refuses_bad_fields():
 def test_pretrain_cli_motion_writes_a_loadable_video_model(tmp_path):
     out = tmp_path / "base"
     result = runner.invoke(app, ["pretrain", "--world", "motion", "--out", str(out), "--steps", "4", "--batch-size",
-                                 "4", "--widths", "8,16,32", "--heads", "2", "--frames", str(FRAMES), "--seed", "1"])
+                                 "4", "--widths", "8,16,32", "--heads", "2", "--frames", str(FRAMES), "--seed", "1",
+                                 "--warmup", "2", "--ema", "0.9"])
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "tiny-video-unet" and config["pretrain"]["world"] == "motion"
     assert config["steps_done"] == 4 and "--world motion --architecture tiny-video-unet" in config["command"]
+    assert config["pretrain"]["warmup"] == 2 and config["pretrain"]["ema"] == 0.9
     for name in ("model.safetensors", "loss.png", "samples.png", "metrics.jsonl"):
         assert (out / name).is_file(), name
     model = load_embedded(out)
@@ -226,6 +228,8 @@ def test_an_image_reward_on_the_video_model_is_one_line(tmp_path, video_checkpoi
     (["--world", "motion", "--architecture", "tiny-unet"], "use --architecture tiny-video-unet with --world motion"),
     (["--architecture", "tiny-video-unet"], "generates the motion world, not image"),
     (["--world", "motion", "--frames", "0"], "frames must be >= 1"),
+    (["--world", "motion", "--ema", "1"], "ema must be in [0, 1)"),
+    (["--warmup", "-1"], "warmup must be >= 0 steps"),
 ])
 def test_pretrain_bad_world_flags_fail_with_one_line(tmp_path, args, match):
     result = runner.invoke(app, ["pretrain", "--out", str(tmp_path / "x"), *args])

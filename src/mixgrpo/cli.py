@@ -48,6 +48,8 @@ def pretrain(
     minutes: Annotated[float | None, typer.Option(help="Stop after this many minutes (saves what it has).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images (motion: clips) per step.")] = 64,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 6e-4,
+    warmup: Annotated[int, typer.Option(help="Steps of linear learning-rate warm-up (then cosine to 10%).")] = 200,
+    ema: Annotated[float, typer.Option(help="EMA decay of the saved weights (0.999 averages about the last 1000 steps).")] = 0.999,
     world: Annotated[str, typer.Option(help="image (the text-to-image grammar) or motion (moving-shapes clips, a video model).")] = "image",
     architecture: Annotated[str | None, typer.Option(help="tiny-unet (the shipped base) or tiny-dit (the first round's); motion: tiny-video-unet. Default: the world's U-Net.")] = None,
     widths: Annotated[str | None, typer.Option(help="tiny-unet / tiny-video-unet: channels per level, comma-separated (default 32,64,128 / 16,32,64).")] = None,
@@ -76,12 +78,12 @@ def pretrain(
                 model["frames"] = frames
         else:
             model = {"width": width, "depth": depth, "heads": heads, "image_size": image_size}
-        cfg = PretrainConfig(steps=steps, minutes=minutes, batch_size=batch_size, lr=lr, seed=seed,
+        cfg = PretrainConfig(steps=steps, minutes=minutes, batch_size=batch_size, lr=lr, warmup=warmup, ema=ema, seed=seed,
                              architecture=architecture, model=model, prompts=prompts, bf16=bf16, world=world)
     except ValueError as err:
         _fail(f"pretrain: {err}")
     command = _command_line("pretrain", out=out, steps=steps, minutes=minutes, batch_size=batch_size, lr=lr,
-                            world=world, architecture=architecture, widths=widths,
+                            warmup=warmup, ema=ema, world=world, architecture=architecture, widths=widths,
                             width=width if architecture == "tiny-dit" else None,
                             depth=depth if architecture == "tiny-dit" else None, heads=heads, image_size=image_size,
                             frames=frames if architecture == "tiny-video-unet" else None, prompts=prompts, seed=seed)

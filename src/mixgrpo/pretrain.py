@@ -87,6 +87,8 @@ class PretrainConfig:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0 steps, got {self.warmup}")
 
 
 def _lr_at(step: int, cfg: PretrainConfig) -> float:
