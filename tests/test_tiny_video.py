@@ -154,6 +154,34 @@ def test_pretrain_motion_lowers_the_loss_on_a_fixed_batch(tmp_path):
     assert end < 0.8 * start, (start, end)
 
 
+def test_init_from_an_image_unet_starts_as_it_on_every_frame(tmp_path):
+    from mixgrpo.pretrain import _initialise
+
+    torch.manual_seed(0)
+    image = build_embedded("tiny-unet", {"widths": [8, 16, 32], "heads": 2})
+    with torch.no_grad():
+        for p in image.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = save_embedded(image, tmp_path / "image")
+    video = build_embedded("tiny-video-unet", SMALL)
+    _initialise(video, str(folder))
+    x, t, cond = torch.randn(2, 3, FRAMES, 32, 32), torch.rand(2), _cond(2)
+    with torch.no_grad():
+        v = video(x, t, cond)
+        for k in range(FRAMES):
+            torch.testing.assert_close(v[:, :, k], image(x[:, :, k], t, cond), atol=1e-5, rtol=1e-5)
+    out = tmp_path / "base"
+    result = runner.invoke(app, ["pretrain", "--world", "motion", "--init", str(folder), "--out", str(out), "--steps",
+                                 "2", "--batch-size", "2", "--widths", "8,16,32", "--heads", "2", "--frames",
+                                 str(FRAMES)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["pretrain"]["init"] == str(folder)
+    result = runner.invoke(app, ["pretrain", "--world", "motion", "--init", str(folder), "--out", str(tmp_path / "x"),
+                                 "--steps", "2", "--widths", "16,32,64", "--frames", str(FRAMES)])
+    assert result.exit_code == 2 and "differ in shape (e.g. stem.weight: (8, 3, 3, 3) vs (16, 3, 3, 3))" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
 def _video_config(checkpoint: str, preset: str, *extra: str):
     return tiny_config(checkpoint, preset, "iterations=2", "eval_every=2", "eval_prompts=24",
                        "rewards={motion-composition: 1.0, test-video-brightness: 1.0}", *extra)

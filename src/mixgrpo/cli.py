@@ -58,12 +58,13 @@ def pretrain(
     heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
     image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 32,
     frames: Annotated[int, typer.Option(help="tiny-video-unet: frames per clip.")] = 5,
+    init: Annotated[str | None, typer.Option(help="Start from a model folder's weights where names and shapes match ('base': the shipped image base; a tiny-video-unet with --widths 32,64,128 then starts as it on every frame).")] = None,
     prompts: Annotated[str, typer.Option(help="all (every prompt of the world, the shipped base) or train (held-out pairs never seen).")] = "all",
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (about 2x faster on CPU).")] = True,
     seed: Annotated[int, typer.Option(help="Seed for data, init and noise.")] = 0,
 ) -> None:
     """Rectified-flow pretraining of the embedded model on a procedural world."""
-    from .pretrain import PretrainConfig
+    from .pretrain import PretrainConfig, check_init
     from .pretrain import pretrain as run_pretrain
 
     architecture = architecture or ("tiny-video-unet" if world == "motion" else "tiny-unet")
@@ -78,15 +79,17 @@ def pretrain(
                 model["frames"] = frames
         else:
             model = {"width": width, "depth": depth, "heads": heads, "image_size": image_size}
-        cfg = PretrainConfig(steps=steps, minutes=minutes, batch_size=batch_size, lr=lr, warmup=warmup, ema=ema, seed=seed,
+        cfg = PretrainConfig(steps=steps, minutes=minutes, batch_size=batch_size, lr=lr, warmup=warmup, ema=ema, seed=seed, init=init,
                              architecture=architecture, model=model, prompts=prompts, bf16=bf16, world=world)
-    except ValueError as err:
+        check_init(cfg)
+    except (ValueError, FileNotFoundError) as err:
         _fail(f"pretrain: {err}")
     command = _command_line("pretrain", out=out, steps=steps, minutes=minutes, batch_size=batch_size, lr=lr,
                             warmup=warmup, ema=ema, world=world, architecture=architecture, widths=widths,
                             width=width if architecture == "tiny-dit" else None,
                             depth=depth if architecture == "tiny-dit" else None, heads=heads, image_size=image_size,
-                            frames=frames if architecture == "tiny-video-unet" else None, prompts=prompts, seed=seed)
+                            frames=frames if architecture == "tiny-video-unet" else None, init=init, prompts=prompts,
+                            seed=seed)
     with Progress(TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                   TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("pretrain", total=steps, loss="-")

@@ -17,13 +17,16 @@ base too; such a base draws an unseen pair in a seen colour or shape (held-out c
 ``world="motion"`` pretrains a video model (``tiny-video-unet``) on the moving-shapes world
 instead: ``(prompt, clip)`` pairs from :func:`~mixgrpo.world.motion.sample_clips`, prompts
 drawn uniformly (one prompt form), clips ``(B, C, F, H, W)`` and the same loss over every
-frame. The image world's run is unchanged, bitwise.
+frame. The image world's run is unchanged, bitwise. ``init`` starts from another model's
+weights where names and shapes match: a ``tiny-video-unet`` of the image base's widths starts
+as the shipped base on every frame, so only the motion (and the new prompt form) is learnt.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import sys
 import time
@@ -34,13 +37,21 @@ from pathlib import Path
 import torch
 
 from .inference.generate import condition, generate
-from .models.checkpoint import ARCHITECTURES, build_embedded, save_embedded
+from .models.checkpoint import (
+    ARCHITECTURES,
+    BASE_CHECKPOINT,
+    build_embedded,
+    load_embedded,
+    save_embedded,
+)
 from .models.tiny_dit import TextCondition
 from .text import cached_embeddings
 from .viz import save_curve, save_image_grid
 from .world import get_world, sample_clips, sample_pairs
 
-__all__ = ["PretrainConfig", "pretrain"]
+__all__ = ["PretrainConfig", "check_init", "pretrain"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,6 +72,7 @@ class PretrainConfig:
     prompts: str = "all"  # all: every grammar prompt (the shipped base) | train: held-out pairs never seen
     bf16: bool = True  # bf16 autocast: ~2x faster on CPU; the weights and the EMA stay fp32
     world: str = "image"  # image: the text-to-image grammar | motion: moving-shapes clips (a video architecture)
+    init: str | None = None  # start from a model folder's weights ("base": the shipped image base), where names and shapes match
 
     def __post_init__(self) -> None:
         get_world(self.world)  # one line naming the worlds
@@ -105,16 +117,18 @@ def pretrain(
     command: str | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> Path:
-    """Train from scratch and write ``model.safetensors``, ``config.json``, ``metrics.jsonl``,
+    """Train (from scratch, or from ``cfg.init``) and write ``model.safetensors``, ``config.json``, ``metrics.jsonl``,
     ``loss.png`` and ``samples.png`` to ``out_dir``."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     world = get_world(cfg.world)
     prompts = world.prompts() if cfg.prompts == "all" else world.split()[0]
     embeddings = cached_embeddings(prompts)
     model = build_embedded(cfg.architecture, cfg.model)
+    if cfg.init is not None:
+        _initialise(model, cfg.init)
     data = _DATA[cfg.world](cfg, prompts, model.config)
+    out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused --init leaves no folder
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -182,6 +196,31 @@ def pretrain(
     images = generate(ema, condition(embeddings, data.preview), seed=cfg.seed)
     save_image_grid(out / "samples.png", images, data.preview, columns=8)  # videos: one frame strip per row
     return out
+
+
+def check_init(cfg: PretrainConfig) -> None:
+    """Raise in one line, before any work, when ``cfg.init`` cannot initialise the configured model."""
+    if cfg.init is not None:
+        _initialise(build_embedded(cfg.architecture, cfg.model), cfg.init)
+
+
+def _initialise(model: torch.nn.Module, source: str) -> None:
+    """Copy the tensors of the model folder ``source`` ("base": the shipped image base) into
+    ``model`` by name; every shared name must match in shape. A video U-Net of the base's widths
+    then starts as the base on every frame (its temporal units and frame embedding start at zero)."""
+    folder = BASE_CHECKPOINT if source == "base" else Path(source)
+    state = load_embedded(folder).state_dict()
+    own = model.state_dict()
+    shared = {k: v for k, v in state.items() if k in own}
+    differ = [k for k, v in shared.items() if own[k].shape != v.shape]
+    if differ or not shared:
+        why = (f"{len(differ)} of its tensors differ in shape (e.g. {differ[0]}: {tuple(shared[differ[0]].shape)} vs "
+               f"{tuple(own[differ[0]].shape)})" if differ else "none of its tensors names one of this model's")
+        raise ValueError(f"--init {source}: {why}; give the model its architecture's widths (the shipped base: "
+                         "--widths 32,64,128)")
+    model.load_state_dict(shared, strict=False)
+    log.info("initialised %d of %d tensors from %s (%d of its tensors unused)", len(shared), len(own), folder,
+             len(state) - len(shared))
 
 
 @dataclass

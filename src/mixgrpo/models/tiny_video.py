@@ -16,9 +16,10 @@ design that can learn motion from text:
   tokens of all frames (5 x 16 = 80 tokens at 32 px), zero-initialised residual. This is
   where "where is the shape in frame 0, and where must it be in frame k" is decided.
 
-At initialisation every temporal unit is the identity, so the model starts as the per-frame
-image U-Net (``v = 0``: its head is zero-initialised). Weight names of the shared parts are
-the tiny U-Net's, so an image checkpoint of the same widths loads into it (``strict=False``).
+At initialisation every temporal unit is the identity and the frame embedding zero, so the
+model is the per-frame image U-Net (``v = 0``: its head is zero-initialised). Weight names of
+the shared parts are the tiny U-Net's, so an image checkpoint of the same widths loads into it
+(``mixgrpo pretrain --init base``) and the model then samples each frame as that image model.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class TinyVideoUNet(TinyUNet):
     def __init__(self, config: TinyVideoUNetConfig | None = None):
         cfg = config or TinyVideoUNetConfig()
         super().__init__(cfg)
-        self.frame_emb = nn.Parameter(0.02 * torch.randn(cfg.frames, cfg.emb_dim))
+        self.frame_emb = nn.Parameter(torch.zeros(cfg.frames, cfg.emb_dim))  # zero: starts as the image U-Net
 
         def mixer(width: int) -> TemporalMix:
             return TemporalMix(width, cfg.groups, cfg.temporal_kernel)
