@@ -151,7 +151,7 @@ FluxGuidanceOpt = Annotated[float | None, typer.Option(help="FLUX.1 / FLUX.2 dis
 DeviceOpt = Annotated[str, typer.Option(help="FLUX/SD3: where the model samples (cpu, cuda, cuda:N).")]
 OffloadOpt = Annotated[bool, typer.Option(help="FLUX/SD3 full fine-tunes: keep the policy and its base on the CPU in turn while the other samples (for --blend).")]
 DtypeOpt = Annotated[str | None, typer.Option(help="FLUX/SD3: float type of the weights, float32 or bfloat16 (default: the run's model.dtype, else float32).")]
-ShiftOpt = Annotated[float | None, typer.Option(help="Time shift of the sampling grid (default: 3 for the embedded model; the run's, else the scheduler's, for FLUX/SD3).")]
+ShiftOpt = Annotated[float | None, typer.Option(help="Time shift of the sampling grid (default: 3 for the embedded model; the run's, else the scheduler's, for FLUX/SD3; SD samples on its DDIM timesteps, no shift).")]
 
 
 def _diffusers_options(embeddings, image_size, flux_guidance, device, offload, dtype) -> dict:
@@ -217,6 +217,7 @@ def sample(
         policy = load_policy(checkpoint, on_note=_note,
                              **_diffusers_options(embeddings, image_size, flux_guidance, device, offload, dtype))
         policy.check_guidance(cfg)
+        policy.check_shift(shift)
         images = generate_prompts(policy, policy.conditions(chosen), chosen, seed=seed, steps=steps, solver=solver,
                                   guidance=cfg, blend=blend, base=policy.base, decode=policy.decode,
                                   shift=policy.grid_shift(steps) if shift is None else shift, device=policy.device)
@@ -270,6 +271,8 @@ def eval_(
         scorers = build_rewards(names, load_yaml(str(reward_options)) if reward_options is not None else None)
         options = _diffusers_options(embeddings, image_size, flux_guidance, device, offload, dtype)
         policies = [load_policy(c, on_note=_note, **options) for c in (checkpoint or ["base"])]
+        for policy in policies:
+            policy.check_shift(shift)
     except (ValueError, KeyError, FileNotFoundError, OSError) as err:
         _fail(str(err.args[0]) if isinstance(err, KeyError) else str(err))
     # an interrupted evaluation left its finished parts in OUT.partial: the same command continues
@@ -413,10 +416,10 @@ def bench(
 
 @app.command()
 def preprocess(
-    model: Annotated[Path, typer.Option(help="Local diffusers pipeline folder (FLUX.1, FLUX.2, SD3/SD3.5 or Qwen-Image).")],
+    model: Annotated[Path, typer.Option(help="Local diffusers pipeline folder (FLUX.1, FLUX.2, SD3/SD3.5, Qwen-Image, SD1.x/2.x or SDXL).")],
     prompts: Annotated[str, typer.Option(help="Prompt file: .txt (one per line), .json or .jsonl with a 'prompt' field.")],
     out: Annotated[Path, typer.Option(help="New folder for the embedding shards and index.json.")],
-    max_sequence_length: Annotated[int | None, typer.Option(help="Text tokens (default: FLUX.1, FLUX.2, Qwen-Image 512; SD3 256).")] = None,
+    max_sequence_length: Annotated[int | None, typer.Option(help="Text tokens (default: FLUX.1, FLUX.2, Qwen-Image 512; SD3 256; SD/SDXL: always CLIP's 77).")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per encoder batch.")] = 16,
 ) -> None:
     """Precompute text embeddings with the pipeline's own encoders (offline, safetensors shards)."""

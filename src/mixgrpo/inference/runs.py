@@ -25,7 +25,7 @@ __all__ = ["RunModel", "latest_run_weights", "load_named", "load_safetensors", "
 
 logger = logging.getLogger(__name__)
 
-_KINDS = ("embedded", "flux", "sd3", "qwen-image", "flux2")
+_KINDS = ("embedded", "flux", "sd3", "qwen-image", "flux2", "sd")
 
 
 @dataclass(frozen=True)
