@@ -17,6 +17,7 @@ Measured here (max |difference|, 2-core CPU):
   with the pipeline's own negative prompt) vs the pipeline's ``output_type="pt"`` images from the
   same noise: eps 4.8e-7, v 7.2e-7, xl 6.0e-7; the trainer's own evaluation (its grid and start
   hooks): 2.7e-7. Asserted <= 7e-6;
+* every preset steps on the SD model unchanged (one iteration each, finite, the adapter moves);
 * exports vs the trained model's velocity: the adapter through ``load_lora_weights`` and the run
   through ``load_policy`` 0.0 (asserted bitwise), the merged UNet folder 1.9e-6 on velocities up
   to 12 (the folded weights round; asserted <= 3e-6).
@@ -42,8 +43,16 @@ from mixgrpo.models.lora import adapters_disabled, add_lora  # noqa: E402
 from mixgrpo.models.sd import SDCondition, SDVelocityModel, load_vp_schedule  # noqa: E402
 from mixgrpo.text.preprocess import load_embeddings, preprocess_prompts  # noqa: E402
 from mixgrpo.train.batch import iteration_generator  # noqa: E402
+from mixgrpo.train.presets import PRESETS  # noqa: E402
 from mixgrpo.train.trainer import GRPOTrainer  # noqa: E402
-from tiny_backbones import PROMPTS, SIDE, probe, run_config, train_lora  # noqa: E402
+from tiny_backbones import (  # noqa: E402
+    PROMPTS,
+    SIDE,
+    check_bf16_checkpointed_step,
+    probe,
+    run_config,
+    train_lora,
+)
 from tiny_pipelines import make_tiny_flux_pipeline, make_tiny_sd_pipeline, make_tiny_sdxl_pipeline  # noqa: E402
 
 LATENT, STEPS = 8, 5  # latent side; DDIM steps (5 divides 1000, as trailing spacing needs)
@@ -271,6 +280,27 @@ def test_grpo_trains_only_the_adapter(world, name, preset, extra, tmp_path):
     assert torch.equal(plan.grid[:kept], trainer.grid[:kept]) and plan.grid[-1] == trainer.grid[-1]
     if preset == "mixgrpo" and name != "v":
         _check_exports(world, name, tmp_path / "run", trainer, tmp_path)
+
+
+# presets whose own structure needs a larger group or grid than run_config's 3 images on 6 steps
+PRESET_SIZES = {"branch-grpo": ("group_size=16", "prompts_per_iter=1", "optim.micro_batch=16", "sampler.num_steps=20"),
+                "pro-grpo": ("group_size=10", "prompts_per_iter=1", "optim.micro_batch=10", "sampler.num_steps=10"),
+                "mixgrpo-pro": ("group_size=10", "prompts_per_iter=1", "optim.micro_batch=10", "sampler.num_steps=10")}
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_steps(world, preset):
+    """One iteration of every preset, unchanged, on the SD model: finite, and the adapter moves."""
+    trainer = GRPOTrainer(run_config("sd", world["eps"]["pipe"], world["eps"]["emb"], preset, "model.lora_rank=4",
+                                     "iterations=1", *PRESET_SIZES.get(preset, ())))
+    before = [p.detach().clone() for p in trainer.params]
+    row = trainer.step(0)
+    assert row["nonfinite_samples"] == 0 and not row["skipped_update"]
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params, strict=True))
+
+
+def test_bf16_lora_with_gradient_checkpointing_steps(world):
+    check_bf16_checkpointed_step("sd", world["xl"]["pipe"], world["xl"]["emb"])
 
 
 def test_full_fine_tune_exports_a_unet_folder(world, tmp_path):
