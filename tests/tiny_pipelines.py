@@ -247,12 +247,12 @@ def _clip_word_tokenizer(folder: Path, max_length: int = 16):
                          pad_token="<|endoftext|>", model_max_length=max_length), len(vocab)
 
 
-def _tiny_sd_vae(scaling_factor: float):
+def _tiny_sd_vae(scaling_factor: float, **stats):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
                          up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 8], layers_per_block=1,
-                         latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=scaling_factor)
+                         latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=scaling_factor, **stats)
 
 
 def make_tiny_sd_pipeline(folder: Path, prediction_type: str = "epsilon", spacing: str = "leading",
@@ -286,7 +286,7 @@ def make_tiny_sd_pipeline(folder: Path, prediction_type: str = "epsilon", spacin
 def make_tiny_sdxl_pipeline(folder: Path) -> Path:
     """A StableDiffusionXLPipeline (two CLIPs, 16-d each, the second with a 16-d projection; a
     4-channel VAE that downsamples by 2; a two-level UNet with SDXL's text-time embedding) saved
-    to ``folder``. Its scheduler config is SDXL's: an ``EulerDiscreteScheduler`` whose json also
+    to ``folder``. Its VAE carries per-channel ``latents_mean`` / ``latents_std``. Its scheduler config is SDXL's: an ``EulerDiscreteScheduler`` whose json also
     carries the DDIM keys (``clip_sample`` and ``set_alpha_to_one`` false, leading, offset 1)."""
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -307,7 +307,9 @@ def make_tiny_sdxl_pipeline(folder: Path) -> Path:
                                 projection_class_embeddings_input_dim=16 + 6 * 4)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
-    pipe = StableDiffusionXLPipeline(vae=_tiny_sd_vae(0.13025), text_encoder=clip1, text_encoder_2=clip2,
+    # per-channel latent statistics (as Playground v2.5's SDXL VAE), so that decoding path is tested too
+    vae = _tiny_sd_vae(0.5, latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.7, 2.0, 1.1])
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=clip1, text_encoder_2=clip2,
                                      tokenizer=tok1, tokenizer_2=tok2, unet=unet, scheduler=scheduler)
     pipe.save_pretrained(folder)
     path = folder / "scheduler" / "scheduler_config.json"
