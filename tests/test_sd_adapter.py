@@ -15,8 +15,8 @@ Measured here (max |difference|, 2-core CPU):
   pipeline's integer timesteps (asserted exactly);
 * the pipeline folder sampled through ``load_policy`` (prompts encoded into the cache, CFG 4
   with the pipeline's own negative prompt) vs the pipeline's ``output_type="pt"`` images from the
-  same noise: eps 4.8e-7, v 7.2e-7, xl 4.8e-7 (its VAE with per-channel latent statistics); the trainer's own evaluation (its grid and start
-  hooks): 2.7e-7. Asserted <= 7e-6;
+  same noise: eps 4.8e-7, v 7.2e-7, xl 4.8e-7 (its VAE with per-channel latent statistics);
+  the trainer's own evaluation (its grid and start hooks): 2.7e-7. Asserted <= 7e-6;
 * every preset steps on the SD model unchanged (one iteration each, finite, the adapter moves);
 * exports vs the trained model's velocity: the adapter through ``load_lora_weights`` and the run
   through ``load_policy`` 0.0 (asserted bitwise), the merged UNet folder 1.9e-6 on velocities up
