@@ -1,5 +1,5 @@
-"""What the Qwen-Image and FLUX.2 adapter tests share: a tiny run's config, two GRPO iterations
-that must move only the adapter, and the exports diffusers must load back."""
+"""What the Qwen-Image, FLUX.2 and Wan adapter tests share: a tiny run's config, two GRPO
+iterations that must move only the adapter, and the exports diffusers must load back."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from mixgrpo.inference.diffusers_models import make_velocity_model
+from mixgrpo.inference.generate import noise_shape
 from mixgrpo.inference.policy import export_run, load_policy
 from mixgrpo.train.config import apply_overrides
 from mixgrpo.train.presets import make_preset
@@ -48,10 +49,16 @@ def train_lora(kind: str, pipe: Path, emb: Path, preset: str, out: Path, *extra:
 
 def probe(model, cond, seed: int = 0) -> torch.Tensor:
     """One velocity on fixed random latents of the model's shape, at times from 0.7 down to 0.3."""
-    c = model.config
-    x = torch.randn(len(cond), c.channels, c.image_size, c.image_size, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(len(cond), *noise_shape(model.config), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return model.velocity(x, torch.linspace(0.7, 0.3, len(cond)), cond)
+
+
+def adapter_like(kind: str, transformer, trained) -> torch.nn.Module:
+    """``transformer`` behind the adapter settings of the trained model ``trained``."""
+    return make_velocity_model(kind, transformer, trained.config.image_size, getattr(trained, "guidance_scale", 3.5),
+                               frames=getattr(trained.config, "frames", None),
+                               expand_timesteps=getattr(trained, "expand_timesteps", False))
 
 
 def check_exports(kind: str, pipeline_class, pipe: Path, run: Path, trainer: GRPOTrainer, tmp: Path) -> None:
@@ -60,21 +67,20 @@ def check_exports(kind: str, pipeline_class, pipe: Path, run: Path, trainer: GRP
     exports and the run load for ``sample`` / ``eval``. Measured: adapter and run 0.0, merged
     2.4e-7 (the folded weight rounds); asserted <= 1e-6 and <= 3e-6."""
     cond = trainer.backend.condition(PROMPTS[:2])
-    latent, guidance = trainer.model.config.image_size, getattr(trainer.model, "guidance_scale", 3.5)
     ours = probe(trainer.model, cond)
 
     adapter = export_run(run, tmp / "adapter", lora="adapter", ema=False)
     pipeline = pipeline_class.from_pretrained(pipe, local_files_only=True)
-    plain = probe(make_velocity_model(kind, pipeline.transformer, latent, guidance), cond)
+    plain = probe(adapter_like(kind, pipeline.transformer, trainer.model), cond)
     pipeline.load_lora_weights(adapter)
-    theirs = probe(make_velocity_model(kind, pipeline.transformer, latent, guidance), cond)
+    theirs = probe(adapter_like(kind, pipeline.transformer, trainer.model), cond)
     diff = (ours - theirs).abs().max().item()
     assert diff <= 1e-6, f"adapter export: max |ours - {pipeline_class.__name__} + load_lora_weights| = {diff:.3g}"
     assert (ours - plain).abs().max() > 1e-4  # the adapter matters on this probe
 
     merged = export_run(run, tmp / "merged", lora="merged", ema=False)
     transformer = type(pipeline.transformer).from_pretrained(merged / "transformer", local_files_only=True)
-    folded = probe(make_velocity_model(kind, transformer, latent, guidance), cond)
+    folded = probe(adapter_like(kind, transformer, trainer.model), cond)
     diff = (ours - folded).abs().max().item()
     assert diff <= 3e-6, f"merged export: max |ours - from_pretrained(transformer)| = {diff:.3g}"
 
@@ -85,11 +91,15 @@ def check_exports(kind: str, pipeline_class, pipe: Path, run: Path, trainer: GRP
 
 
 def check_bf16_checkpointed_step(kind: str, pipe: Path, emb: Path, *extra: str) -> None:
-    """A bf16 LoRA run with gradient checkpointing: bf16 base, fp32 adapter, a finite step."""
+    """A bf16 LoRA run with gradient checkpointing: bf16 base (but for the modules the diffusers
+    class keeps in fp32, e.g. Wan's norms and time embedding), fp32 adapter, a finite step."""
     trainer = GRPOTrainer(run_config(kind, pipe, emb, "mixgrpo", "model.lora_rank=4", "model.dtype=bfloat16",
                                      "model.gradient_checkpointing=true", *extra))
-    dtypes = {("lora" if "lora_" in n else "base", p.dtype) for n, p in trainer.backend.lora_module.named_parameters()}
-    assert dtypes == {("lora", torch.float32), ("base", torch.bfloat16)}
+    module = trainer.backend.lora_module
+    fp32 = set(getattr(module, "_keep_in_fp32_modules", None) or [])
+    dtypes = {("lora" if "lora_" in n else "fp32" if fp32 & set(n.split(".")) else "base", p.dtype)
+              for n, p in module.named_parameters()}
+    assert dtypes - {("fp32", torch.float32)} == {("lora", torch.float32), ("base", torch.bfloat16)}
     row = trainer.step(0)
     assert row["nonfinite_samples"] == 0 and torch.isfinite(torch.tensor(row["loss"]))
 
@@ -105,8 +115,7 @@ def check_full_fine_tune(kind: str, pipe: Path, emb: Path, tmp: Path, *extra: st
     out = export_run(tmp / "run", tmp / "export", ema=False)
     trainer.model.eval()
     cond = trainer.backend.condition(PROMPTS[:2])
-    latent, guidance = trainer.model.config.image_size, getattr(trainer.model, "guidance_scale", 3.5)
     loaded = type(trainer.backend.lora_module).from_pretrained(out / "transformer", local_files_only=True)
     ours = probe(trainer.model, cond)
-    assert torch.equal(probe(make_velocity_model(kind, loaded, latent, guidance), cond), ours)
+    assert torch.equal(probe(adapter_like(kind, loaded, trainer.model), cond), ours)
     assert torch.equal(probe(load_policy(tmp / "run", ema=False).model, cond), ours)

@@ -1,5 +1,5 @@
 """Tiny random diffusers pipelines built offline (tokenizers included) for the real-model paths:
-FLUX.1, SD3, Qwen-Image, FLUX.2, SD and SDXL."""
+FLUX.1, SD3, Qwen-Image, FLUX.2, SD, SDXL and Wan (text-to-video)."""
 
 from __future__ import annotations
 
@@ -315,4 +315,37 @@ def make_tiny_sdxl_pipeline(folder: Path) -> Path:
     path = folder / "scheduler" / "scheduler_config.json"
     config = json.loads(path.read_text())
     path.write_text(json.dumps({**config, "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True}))
+    return folder
+
+
+def make_tiny_wan_pipeline(folder: Path, ti2v: bool = False) -> Path:
+    """A text-to-video WanPipeline (UMT5 16-d, one layer; a 4-channel video VAE compressing time
+    by 4 and space by 4, with non-trivial latents_mean / latents_std; a one-block transformer)
+    saved to ``folder``. Its scheduler is Wan's own kind, UniPC on flow sigmas with
+    ``flow_shift`` 3. ``ti2v``: Wan2.2 TI2V-5B's layout instead, per-token timesteps
+    (``expand_timesteps``) and a residual VAE on 2x2-patchified pixels (space compressed by 8)."""
+    import torch
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    tok, vocab = _t5_tokenizer()
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=vocab, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2))
+    residual = dict(is_residual=True, patch_size=2, in_channels=12, out_channels=12) if ti2v else {}
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
+                           latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.7, 2.0, 1.1],
+                           scale_factor_temporal=4, scale_factor_spatial=8 if ti2v else 4, **residual)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                        num_layers=1, rope_max_seq_len=32)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        num_train_timesteps=1000)
+    pipe = WanPipeline(tokenizer=tok, text_encoder=encoder, vae=vae, scheduler=scheduler, transformer=transformer,
+                       expand_timesteps=ti2v)
+    pipe.save_pretrained(folder)
     return folder

@@ -151,12 +151,13 @@ FluxGuidanceOpt = Annotated[float | None, typer.Option(help="FLUX.1 / FLUX.2 dis
 DeviceOpt = Annotated[str, typer.Option(help="FLUX/SD3: where the model samples (cpu, cuda, cuda:N).")]
 OffloadOpt = Annotated[bool, typer.Option(help="FLUX/SD3 full fine-tunes: keep the policy and its base on the CPU in turn while the other samples (for --blend).")]
 DtypeOpt = Annotated[str | None, typer.Option(help="FLUX/SD3: float type of the weights, float32 or bfloat16 (default: the run's model.dtype, else float32).")]
-ShiftOpt = Annotated[float | None, typer.Option(help="Time shift of the sampling grid (default: 3 for the embedded model; the run's, else the scheduler's, for FLUX/SD3; SD samples on its DDIM timesteps, no shift).")]
+FramesOpt = Annotated[int | None, typer.Option(help="Wan: video frames, 4k + 1 (default: the run's or export's, else 81).")]
+ShiftOpt = Annotated[float | None, typer.Option(help="Time shift of the sampling grid (default: 3 for the embedded model; the run's, else the scheduler's, for FLUX/SD3/Wan; SD samples on its DDIM timesteps, no shift).")]
 
 
-def _diffusers_options(embeddings, image_size, flux_guidance, device, offload, dtype) -> dict:
+def _diffusers_options(embeddings, image_size, flux_guidance, device, offload, dtype, frames=None) -> dict:
     return {"embeddings": embeddings, "image_size": image_size, "flux_guidance": flux_guidance, "device": device,
-            "offload": offload, "dtype": dtype}
+            "offload": offload, "dtype": dtype, "frames": frames}
 
 
 def _load_prompts(prompt: list[str] | None, prompts: str | None, limit: int | None = None,
@@ -186,7 +187,7 @@ def _load_prompts(prompt: list[str] | None, prompts: str | None, limit: int | No
 
 @app.command()
 def sample(
-    out: Annotated[Path, typer.Option(help="Image grid PNG to write.")],
+    out: Annotated[Path, typer.Option(help="Image grid PNG to write (videos: one strip of frames per prompt).")],
     checkpoint: Annotated[str, typer.Option(help="'base', a model/adapter folder, or a `mixgrpo train` run folder.")] = "base",
     prompt: Annotated[list[str] | None, typer.Option(help="A prompt (repeatable).")] = None,
     prompts: Annotated[str | None, typer.Option(help="Prompt file: .txt (one per line), .json or .jsonl with a 'prompt' field; or 'heldout'.")] = None,
@@ -195,7 +196,7 @@ def sample(
     blend: Annotated[float, typer.Option(help="Final fraction of steps run with the base model (0.2 = MixGRPO's 80/20).")] = 0.0,
     cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
-    images_dir: Annotated[Path | None, typer.Option(help="Also write each image as its own PNG in this folder.")] = None,
+    images_dir: Annotated[Path | None, typer.Option(help="Also write each image (video: its strip of frames) as its own PNG in this folder.")] = None,
     embeddings: EmbeddingsOpt = None,
     image_size: ImageSizeOpt = None,
     flux_guidance: FluxGuidanceOpt = None,
@@ -203,8 +204,9 @@ def sample(
     offload: OffloadOpt = False,
     shift: ShiftOpt = None,
     dtype: DtypeOpt = None,
+    frames: FramesOpt = None,
 ) -> None:
-    """Generate images with a checkpoint: a captioned grid (and single PNGs on request)."""
+    """Generate images (Wan: videos) with a checkpoint: a captioned grid (and single PNGs on request)."""
     from .inference.generate import generate_prompts
     from .inference.policy import load_policy
     from .viz import save_image_grid, save_images
@@ -215,7 +217,7 @@ def sample(
             raise ValueError(f"--steps must be >= 1, got {steps}")
         _parse_blends(str(blend))
         policy = load_policy(checkpoint, on_note=_note,
-                             **_diffusers_options(embeddings, image_size, flux_guidance, device, offload, dtype))
+                             **_diffusers_options(embeddings, image_size, flux_guidance, device, offload, dtype, frames))
         policy.check_guidance(cfg)
         policy.check_shift(shift)
         images = generate_prompts(policy, policy.conditions(chosen), chosen, seed=seed, steps=steps, solver=solver,
@@ -248,6 +250,7 @@ def eval_(
     offload: OffloadOpt = False,
     shift: ShiftOpt = None,
     dtype: DtypeOpt = None,
+    frames: FramesOpt = None,
     reward_options: Annotated[Path | None, typer.Option(help="YAML file: reward name -> its constructor options, e.g. {hps: {path: HPS_v2.1_compressed.pt, tokenizer: DIR}} (a training config's rewards: section works too).")] = None,
 ) -> None:
     """Score checkpoints on a prompt set: mean, std, 95% CI per reward, and per-prompt scores."""
@@ -269,7 +272,7 @@ def eval_(
         if not names:
             raise ValueError("--rewards is empty; name at least one reward, e.g. composition")
         scorers = build_rewards(names, load_yaml(str(reward_options)) if reward_options is not None else None)
-        options = _diffusers_options(embeddings, image_size, flux_guidance, device, offload, dtype)
+        options = _diffusers_options(embeddings, image_size, flux_guidance, device, offload, dtype, frames)
         policies = [load_policy(c, on_note=_note, **options) for c in (checkpoint or ["base"])]
         for policy in policies:
             policy.check_shift(shift)
@@ -416,10 +419,10 @@ def bench(
 
 @app.command()
 def preprocess(
-    model: Annotated[Path, typer.Option(help="Local diffusers pipeline folder (FLUX.1, FLUX.2, SD3/SD3.5, Qwen-Image, SD1.x/2.x or SDXL).")],
+    model: Annotated[Path, typer.Option(help="Local diffusers pipeline folder (FLUX.1, FLUX.2, SD3/SD3.5, Qwen-Image, SD1.x/2.x, SDXL or Wan text-to-video).")],
     prompts: Annotated[str, typer.Option(help="Prompt file: .txt (one per line), .json or .jsonl with a 'prompt' field.")],
     out: Annotated[Path, typer.Option(help="New folder for the embedding shards and index.json.")],
-    max_sequence_length: Annotated[int | None, typer.Option(help="Text tokens (default: FLUX.1, FLUX.2, Qwen-Image 512; SD3 256; SD/SDXL: always CLIP's 77).")] = None,
+    max_sequence_length: Annotated[int | None, typer.Option(help="Text tokens (default: FLUX.1, FLUX.2, Qwen-Image, Wan 512; SD3 256; SD/SDXL: always CLIP's 77).")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per encoder batch.")] = 16,
 ) -> None:
     """Precompute text embeddings with the pipeline's own encoders (offline, safetensors shards)."""

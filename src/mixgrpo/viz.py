@@ -1,4 +1,8 @@
-"""Captioned image grids and metric curves (PIL and matplotlib; files only, no display)."""
+"""Captioned image grids and metric curves (PIL and matplotlib; files only, no display).
+
+Videos ``(B, F, 3, H, W)`` are drawn as strips: up to :data:`STRIP_FRAMES` evenly spaced
+frames side by side, one clip per row of a grid.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["image_grid", "save_curve", "save_image_grid", "save_images"]
+__all__ = ["STRIP_FRAMES", "frame_strips", "image_grid", "save_curve", "save_image_grid", "save_images"]
+
+STRIP_FRAMES = 8  # frames of a video shown in its strip (first and last included)
+
+
+def frame_strips(videos: torch.Tensor, frames: int = STRIP_FRAMES) -> torch.Tensor:
+    """``(B, F, 3, H, W)`` -> ``(B, 3, H, k W)``: ``k = min(F, frames)`` evenly spaced frames side by side."""
+    f = videos.shape[1]
+    pick = torch.linspace(0, f - 1, min(f, frames)).round().long()
+    chosen = videos[:, pick]  # (B, k, 3, H, W)
+    return chosen.permute(0, 2, 3, 1, 4).flatten(3)
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -21,7 +35,11 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
 def image_grid(
     images: torch.Tensor, captions: Sequence[str] | None = None, columns: int = 8, scale: int = 4
 ) -> Image.Image:
-    """Tile images (nearest-neighbour upscaled by ``scale``) with wrapped captions below."""
+    """Tile images (nearest-neighbour upscaled by ``scale``) with wrapped captions below; videos
+    as frame strips, one per row, upscaled only while their frames are under 256 px."""
+    if images.ndim == 5:
+        columns, scale = 1, max(1, min(scale, 256 // images.shape[-2]))
+        images = frame_strips(images)
     arrays = _to_uint8(images)
     n, h, w, _ = arrays.shape
     columns = max(1, min(columns, n))
@@ -76,7 +94,8 @@ def save_curve(
 
 
 def save_images(folder: str | Path, images: torch.Tensor) -> list[Path]:
-    """Each image as ``folder/00000.png`` (full resolution, no caption)."""
+    """Each image (video: its frame strip) as ``folder/00000.png`` (full resolution, no caption)."""
+    images = frame_strips(images) if images.ndim == 5 else images
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

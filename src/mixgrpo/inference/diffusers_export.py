@@ -1,4 +1,5 @@
-"""Export a FLUX.1 / FLUX.2 / SD3 / Qwen-Image / Stable Diffusion run in the formats diffusers reads.
+"""Export a FLUX.1 / FLUX.2 / SD3 / Qwen-Image / Stable Diffusion / Wan run in the formats diffusers
+reads.
 
 * LoRA, ``lora="adapter"``: ``pytorch_lora_weights.safetensors`` written by the pipeline
   class's own ``save_lora_weights`` (keys ``transformer.<module>.lora_A.weight``; SD and SDXL:
@@ -67,7 +68,7 @@ def export_diffusers_run(run: Path, out: Path, *, lora: str, ema: bool = True, o
         transformer.save_pretrained(out / folder, safe_serialization=True)
         meta = {"base_model": str(m.path), "exported_from": f"{ckpt} ({which}weights)"}
     # what `mixgrpo sample/eval` need to sample the export as the run did
-    meta.update(image_size=m.image_size, flux_guidance=m.flux_guidance, shift=m.shift)
+    meta.update(image_size=m.image_size, flux_guidance=m.flux_guidance, shift=m.shift, frames=m.frames)
     if m.embeddings and (Path(m.embeddings) / "index.json").is_file():  # the text length its prompts were encoded at
         meta["max_sequence_length"] = json.loads((Path(m.embeddings) / "index.json").read_text()).get("max_sequence_length")
     (out / "mixgrpo_export.json").write_text(json.dumps(meta, indent=1) + "\n")

@@ -1,7 +1,7 @@
-"""FLUX.1, FLUX.2, SD3, Qwen-Image and Stable Diffusion 1.x / 2.x / XL for inference: the velocity
-model, its VAE decoder, its scheduler's time shift (or, for SD, its DDIM grid: the model's
-``time_grid``) and prompt conditions from `mixgrpo preprocess` folders, loaded from local diffusers
-folders.
+"""FLUX.1, FLUX.2, SD3, Qwen-Image, Stable Diffusion 1.x / 2.x / XL and Wan (text-to-video) for
+inference: the velocity model, its VAE decoder, its scheduler's time shift (or, for SD, its DDIM
+grid: the model's ``time_grid``) and prompt conditions from `mixgrpo preprocess` folders, loaded
+from local diffusers folders.
 
 Training (:mod:`mixgrpo.train.backends`) builds its diffusers backend from the same pieces, so
 ``sample`` and ``eval`` see the model exactly as the trainer did.
@@ -31,13 +31,15 @@ logger = logging.getLogger(__name__)
 
 TRANSFORMERS = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
                 "qwen-image": "QwenImageTransformer2DModel", "flux2": "Flux2Transformer2DModel",
-                "sd": "UNet2DConditionModel"}
+                "wan": "WanTransformer3DModel", "sd": "UNet2DConditionModel"}
 # the pipeline folder's subfolder holding that network (and its name in LoRA files: "<name>.<module>...")
 NETWORK_FOLDERS = {"sd": "unet"}
 PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "QwenImagePipeline": "qwen-image",
-             "Flux2Pipeline": "flux2", "StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sd"}
+             "Flux2Pipeline": "flux2", "WanPipeline": "wan", "StableDiffusionPipeline": "sd",
+             "StableDiffusionXLPipeline": "sd"}
 VAES = {"flux": "AutoencoderKL", "sd3": "AutoencoderKL", "qwen-image": "AutoencoderKLQwenImage",
-        "flux2": "AutoencoderKLFlux2", "sd": "AutoencoderKL"}
+        "flux2": "AutoencoderKLFlux2", "wan": "AutoencoderKLWan", "sd": "AutoencoderKL"}
+WAN_FRAMES = 81  # WanPipeline's default frame count, for a pipeline folder sampled without --frames
 # the distilled guidance a pipeline folder samples with when none is given (each pipeline's default)
 DEFAULT_GUIDANCE = {"flux": 3.5, "flux2": 4.0}
 
@@ -49,9 +51,10 @@ def lora_targets(kind: str) -> list[str]:
     from ..models.qwen_image import QWEN_IMAGE_LORA_TARGETS
     from ..models.sd import SD_LORA_TARGETS
     from ..models.sd3 import SD3_LORA_TARGETS
+    from ..models.wan import WAN_LORA_TARGETS
 
     return list({"flux": FLUX_LORA_TARGETS, "sd3": SD3_LORA_TARGETS, "qwen-image": QWEN_IMAGE_LORA_TARGETS,
-                 "flux2": FLUX2_LORA_TARGETS, "sd": SD_LORA_TARGETS}[kind])
+                 "flux2": FLUX2_LORA_TARGETS, "wan": WAN_LORA_TARGETS, "sd": SD_LORA_TARGETS}[kind])
 
 
 def network_folder(kind: str) -> str:
@@ -76,7 +79,8 @@ def scheduler_shift(pipeline_dir: Path, latent_size: int, num_steps: int | None 
     FLUX.2 ignores those four numbers: its ``mu`` comes from the token count ``latent^2`` (its
     latents are patchified already) and the step count (diffusers' ``compute_empirical_mu``), so
     it needs ``num_steps``. A ``shift_terminal`` (Qwen-Image's scheduler stretches its grid to end
-    at 0.02) is not reproduced; a warning says so."""
+    at 0.02) is not reproduced; a warning says so. Wan's ``UniPCMultistepScheduler`` on flow
+    sigmas: its ``flow_shift`` (its grid starts at ``1 - 1/1000`` where ours starts at 1)."""
     path = Path(pipeline_dir) / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: pass the pipeline folder, or give the time shift as a number")
@@ -85,7 +89,7 @@ def scheduler_shift(pipeline_dir: Path, latent_size: int, num_steps: int | None 
         logger.warning("%s stretches its grid to end at shift_terminal=%s; our grid ends at 0 (set sampler.shift to a "
                        "number to silence this)", path, c["shift_terminal"])
     if not c.get("use_dynamic_shifting"):
-        return float(c.get("shift", 1.0))
+        return float(c["flow_shift"]) if c.get("use_flow_sigmas") else float(c.get("shift", 1.0))
     index = Path(pipeline_dir) / "model_index.json"
     if index.is_file() and json.loads(index.read_text()).get("_class_name") == "Flux2Pipeline":
         from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
@@ -111,7 +115,10 @@ def vae_decoder(pipeline_dir: Path, device: torch.device,
     (``AutoencoderKLQwenImage``, a one-frame video VAE): ``z / (1 / std) + mean`` per channel on
     ``(B, C, 1, H, W)``. FLUX.2 (``AutoencoderKLFlux2``): our latents are its patchified ones, so
     ``z * sqrt(var + eps) + mean`` with the BatchNorm running statistics, then the 2x2 patches go
-    back to pixels of the VAE latent."""
+    back to pixels of the VAE latent. Wan (``AutoencoderKLWan``): ``(B, C, F, H, W)`` latents,
+    ``z / (1 / std) + mean`` per channel as ``WanPipeline`` computes it, decoded one clip at a time
+    (a causal video decoder: memory grows with the frames, not the batch) into videos
+    ``(B, F, 3, H, W)``."""
     import diffusers
 
     folder = Path(pipeline_dir) / "vae"
@@ -131,6 +138,14 @@ def vae_decoder(pipeline_dir: Path, device: torch.device,
 
         def to_vae(z: torch.Tensor) -> torch.Tensor:  # the pipeline's own arithmetic, on one frame
             return (z.to(device, vae.dtype) / inv_std + mean)[:, :, None]
+
+    elif kind == "wan":
+        factor = c.scale_factor_spatial
+        mean = torch.tensor(c.latents_mean).view(1, -1, 1, 1, 1).to(device, vae.dtype)
+        inv_std = 1.0 / torch.tensor(c.latents_std).view(1, -1, 1, 1, 1).to(device, vae.dtype)
+
+        def to_vae(z: torch.Tensor) -> torch.Tensor:
+            return z.to(device, vae.dtype) / inv_std + mean
 
     elif kind == "flux2":
         factor = 2 ** (len(c.block_out_channels) - 1)
@@ -159,6 +174,9 @@ def vae_decoder(pipeline_dir: Path, device: torch.device,
 
     @torch.no_grad()
     def decode(latents: torch.Tensor) -> torch.Tensor:
+        if kind == "wan":  # (B, 3, F, H, W) -> (B, F, 3, H, W), the video rewards' layout
+            clips = [vae.decode(to_vae(z[None]), return_dict=False)[0] for z in latents]
+            return ((torch.cat(clips).float() + 1) / 2).clamp(0, 1).transpose(1, 2)
         images = vae.decode(to_vae(latents), return_dict=False)[0]
         images = images[:, :, 0] if images.ndim == 5 else images  # Qwen-Image's VAE returns one frame
         return ((images.float() + 1) / 2).clamp(0, 1)
@@ -198,9 +216,17 @@ class EmbeddingConditions:
 
 
 def make_velocity_model(kind: str, transformer: nn.Module, latent_size: int, flux_guidance: float = 3.5, *,
+                        frames: int | None = None, expand_timesteps: bool = False,
                         pipeline_dir: str | Path | None = None, image_size: int | None = None) -> nn.Module:
     """``kind``'s adapter over ``transformer`` (``flux_guidance``: FLUX.1 / FLUX.2's distilled
-    guidance; SD needs ``pipeline_dir`` for its scheduler and ``image_size`` for SDXL's time ids)."""
+    guidance; ``frames``: Wan's latent frames; ``expand_timesteps``: Wan2.2 TI2V's per-token
+    timesteps; SD needs ``pipeline_dir`` for its scheduler and ``image_size`` for SDXL's time ids)."""
+    if kind == "wan":
+        from ..models.wan import WanVelocityModel
+
+        if frames is None:
+            raise ValueError("a Wan velocity model needs its latent frame count")
+        return WanVelocityModel(transformer, latent_size, frames, expand_timesteps)
     if kind == "sd":
         from ..models.sd import SDVelocityModel, load_vp_schedule
 
@@ -228,7 +254,7 @@ def make_velocity_model(kind: str, transformer: nn.Module, latent_size: int, flu
 class DiffusersModel:
     """What sampling needs of a diffusers pipeline folder."""
 
-    kind: str  # flux | sd3 | qwen-image | flux2 | sd
+    kind: str  # flux | sd3 | qwen-image | flux2 | wan | sd
     folder: Path  # the pipeline folder
     transformer: nn.Module  # the diffusers transformer, or SD's UNet (LoRA goes here)
     model: nn.Module  # velocity(x, t, cond, guidance) over it
@@ -246,6 +272,10 @@ class DiffusersModel:
             from ..models.flux2 import Flux2Condition
 
             return Flux2Condition(tensors["prompt_embeds"])
+        if self.kind == "wan":
+            from ..models.wan import WanCondition
+
+            return WanCondition(tensors["prompt_embeds"], tensors.get("negative_embeds"))
         if self.kind == "qwen-image":
             from ..models.qwen_image import QwenImageCondition
 
@@ -268,18 +298,25 @@ class DiffusersModel:
                       if c.addition_embed_type == "text_time" else None)
             return EmbeddingConditions(embeddings, self.make_condition, expect_dim=c.cross_attention_dim,
                                        expect_pooled=pooled)
-        pooled = c.pooled_projection_dim if self.kind in ("flux", "sd3") else None  # Qwen-Image, FLUX.2: none
-        return EmbeddingConditions(embeddings, self.make_condition, expect_dim=c.joint_attention_dim,
-                                   expect_pooled=pooled)
+        pooled = c.pooled_projection_dim if self.kind in ("flux", "sd3") else None  # Qwen-Image, FLUX.2, Wan: none
+        dim = c.text_dim if self.kind == "wan" else c.joint_attention_dim
+        return EmbeddingConditions(embeddings, self.make_condition, expect_dim=dim, expect_pooled=pooled)
+
+    @property
+    def video(self) -> bool:
+        """Whether samples decode to videos ``(B, F, 3, H, W)`` (latents with a frame axis)."""
+        return hasattr(self.model.config, "frames")
 
     def velocity_model(self, transformer: nn.Module) -> nn.Module:
         """Another transformer (a fine-tune) behind the same adapter settings."""
         return make_velocity_model(self.kind, transformer, self.latent_size, getattr(self.model, "guidance_scale", 3.5),
+                                   frames=getattr(self.model.config, "frames", None),
+                                   expand_timesteps=getattr(self.model, "expand_timesteps", False),
                                    pipeline_dir=self.folder, image_size=self.image_size)
 
 
 def pipeline_kind(folder: Path) -> str:
-    """``flux``, ``sd3``, ``qwen-image``, ``flux2`` or ``sd`` from a pipeline folder's ``model_index.json``."""
+    """``flux``, ``sd3``, ``qwen-image``, ``flux2``, ``wan`` or ``sd`` from a pipeline folder's ``model_index.json``."""
     from ..text.preprocess import pipeline_class
 
     return PIPELINES[pipeline_class(folder)]
@@ -292,19 +329,29 @@ def load_transformer_of(kind: str, folder: str | Path, dtype: torch.dtype = torc
 
 
 def load_diffusers_model(kind: str, folder: str | Path, *, image_size: int, device: str | torch.device = "cpu",
-                         dtype: torch.dtype = torch.float32, flux_guidance: float = 3.5) -> DiffusersModel:
+                         dtype: torch.dtype = torch.float32, flux_guidance: float = 3.5,
+                         frames: int = WAN_FRAMES) -> DiffusersModel:
     """The transformer of the pipeline in ``folder`` behind ``velocity``, its VAE decoder and
-    latent size for ``image_size`` pixels."""
+    latent size for ``image_size`` pixels (and, for Wan, ``frames`` video frames)."""
     if kind not in TRANSFORMERS:
         raise ValueError(f"model kind must be one of {', '.join(TRANSFORMERS)}, got {kind!r}")
     folder = Path(folder)
     _check_pipeline(kind, folder)
+    video: dict[str, Any] = {}
+    if kind == "wan":  # the pipeline class, its experts and the frame count are checked before any weight loads
+        from ..models.wan import check_wan_pipeline, latent_frames
+
+        expand = bool(check_wan_pipeline(folder).get("expand_timesteps"))
+        vae_config = folder / "vae" / "config.json"
+        temporal = json.loads(vae_config.read_text()).get("scale_factor_temporal", 4) if vae_config.is_file() else 4
+        video = {"frames": latent_frames(frames, temporal), "expand_timesteps": expand}
     transformer = load_transformer_of(kind, folder, dtype)
     decode, factor, multiple = vae_decoder(folder, torch.device(device), kind)
     if image_size % multiple:
         raise ValueError(f"image size {image_size} must be a multiple of {multiple} for this VAE")
     latent = image_size // factor
-    model = make_velocity_model(kind, transformer, latent, flux_guidance, pipeline_dir=folder, image_size=image_size)
+    model = make_velocity_model(kind, transformer, latent, flux_guidance, pipeline_dir=folder, image_size=image_size,
+                                **video)
     final = getattr(model, "final_latents", None)  # a VP model's last sample is y = x / c(tau_end)
     if final is not None:
         decode = _decoding_from(final, decode)

@@ -1,7 +1,7 @@
-"""FLUX.1 / FLUX.2 / SD3 / Qwen-Image / Stable Diffusion policies for ``sample`` and ``eval``: a
-run, an export or a pipeline folder.
+"""FLUX.1 / FLUX.2 / SD3 / Qwen-Image / Wan / Stable Diffusion policies for ``sample`` and
+``eval``: a run, an export or a pipeline folder.
 
-* a ``mixgrpo train`` run with ``model.kind=flux|sd3|qwen-image|flux2|sd``: its newest intact checkpoint. LoRA:
+* a ``mixgrpo train`` run with ``model.kind=flux|sd3|qwen-image|flux2|wan|sd``: its newest intact checkpoint. LoRA:
   the adapter on the pipeline's transformer, and the base for ``--blend`` is the same network
   with the adapter switched off (no second copy). Full fine-tune: the trained transformer, and
   the base loaded once beside it (``offload``: each kept on the CPU while the other samples);
@@ -30,6 +30,7 @@ from ..models.lora import add_lora, in_place_lora_names
 from ..text.encoder import default_cache_dir
 from .diffusers_models import (
     DEFAULT_GUIDANCE,
+    WAN_FRAMES,
     DiffusersModel,
     EmbeddingConditions,
     encode_or_load_embeddings,
@@ -81,10 +82,10 @@ def load_diffusers_policy(folder: Path, name: str, *, embeddings: str | Path | N
                           image_size: int | None = None, flux_guidance: float | None = None,
                           device: str | torch.device = "cpu", ema: bool = True, offload: bool = False,
                           cache_dir: Path | None = None, on_note: Callable[[str], None] | None = None,
-                          dtype: str | None = None) -> Policy:
+                          dtype: str | None = None, frames: int | None = None) -> Policy:
     """A diffusers-model policy from ``folder`` (see the module doc); ``None`` options take the
     run's (or export's) own values (``dtype``: the weights' float type, default the run's
-    ``model.dtype``, else float32)."""
+    ``model.dtype``, else float32; ``frames``: Wan's video frames, else WanPipeline's 81)."""
     device = torch.device(device)
     folder = Path(folder)
     if dtype not in (None, "float32", "bfloat16"):
@@ -98,7 +99,8 @@ def load_diffusers_policy(folder: Path, name: str, *, embeddings: str | Path | N
         pipeline, size = Path(m.path), image_size or m.image_size
         weights_dtype = _DTYPES[dtype or m.dtype]
         parts = load_diffusers_model(m.kind, pipeline, image_size=size, device=device, dtype=weights_dtype,
-                                     flux_guidance=flux_guidance if flux_guidance is not None else m.flux_guidance)
+                                     flux_guidance=flux_guidance if flux_guidance is not None else m.flux_guidance,
+                                     frames=frames or m.frames)
         ckpt, state = latest_run_weights(folder, on_note)
         weights, which = pick_weights(state, ema)
         weights = {k.removeprefix("transformer."): v for k, v in weights.items()}  # the trainer's wrapper prefix
@@ -125,7 +127,7 @@ def load_diffusers_policy(folder: Path, name: str, *, embeddings: str | Path | N
             raise ValueError(f"{folder / EXPORT_META} does not record the image size; pass --image-size")
         guidance = flux_guidance if flux_guidance is not None else meta.get("flux_guidance", 3.5)
         parts = load_diffusers_model(kind, pipeline, image_size=size, device=device, flux_guidance=guidance,
-                                     dtype=weights_dtype)
+                                     dtype=weights_dtype, frames=frames or meta.get("frames", WAN_FRAMES))
         shift, source = meta.get("shift", "scheduler"), str(folder)
         length = meta.get("max_sequence_length")
         if (folder / LORA_FILE).is_file():  # keys "<network folder>.<module>.lora_A.weight"
@@ -142,7 +144,7 @@ def load_diffusers_policy(folder: Path, name: str, *, embeddings: str | Path | N
         parts = load_diffusers_model(kind, folder, image_size=image_size, device=device,
                                      flux_guidance=DEFAULT_GUIDANCE.get(kind, 3.5) if flux_guidance is None
                                      else flux_guidance,
-                                     dtype=_DTYPES[dtype or "float32"])
+                                     dtype=_DTYPES[dtype or "float32"], frames=frames or WAN_FRAMES)
         model = base = parts.model
         shift, source = "scheduler", str(folder)
     shift_at = None

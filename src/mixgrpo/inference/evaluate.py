@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..rewards import Reward, get_reward, score
+from ..rewards import Reward, check_reward_input, get_reward, score
 from ..rewards.base import RewardOptionsError
 from .generate import EVAL_CHUNK, generate_prompts
 from .policy_base import DISTILLED_KINDS, Policy
@@ -160,6 +160,8 @@ def evaluate_policy(
         check = getattr(reward, "check_prompts", None)
         if callable(check):
             check(list(prompts))
+    for name, reward in scorers.items():  # an image reward on a video model (or the reverse): before sampling
+        check_reward_input(reward, name, policy.video)
     policy.check_guidance(guidance)
     conditions = policy.conditions(prompts)  # every prompt's embedding found (or made) before any sampling
     shift = policy.grid_shift(steps) if shift is None else shift

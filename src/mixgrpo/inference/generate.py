@@ -27,7 +27,7 @@ from ..models.tiny_dit import TextCondition
 from ..text import PromptEmbeddings
 
 __all__ = ["EVAL_CHUNK", "VelocityModel", "blended_velocity", "condition", "generate", "generate_prompts",
-           "has_time_grid", "pixels_from_samples", "sampling_grid", "start_samples"]
+           "has_time_grid", "noise_shape", "pixels_from_samples", "sampling_grid", "start_samples"]
 
 EVAL_CHUNK = 64  # prompts per batch; chunk c draws its noise from seed + c * EVAL_CHUNK
 
@@ -44,6 +44,13 @@ class VelocityModel(Protocol):
     config: object
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition, guidance: float = 1.0) -> torch.Tensor: ...
+
+
+def noise_shape(config: object) -> tuple[int, ...]:
+    """One sample's latent shape: ``(C, H, W)``, or ``(C, F, H, W)`` for a video model (a config
+    with ``frames``, the latent frames)."""
+    c, side, frames = config.channels, config.image_size, getattr(config, "frames", None)
+    return (c, side, side) if frames is None else (c, frames, side, side)
 
 
 def has_time_grid(model: object) -> bool:
@@ -107,7 +114,8 @@ def generate(
 ) -> torch.Tensor:
     """Deterministic ODE sampling from ``randn(seed)`` (drawn on the CPU, then moved to
     ``device``) on ``uniform_grid(steps, shift)`` or the model's own grid (:func:`sampling_grid`);
-    returns images ``(B, 3, H, W)`` in ``[0, 1]`` on the CPU.
+    returns images ``(B, 3, H, W)`` (a video model's: ``(B, F, 3, H, W)``) in ``[0, 1]`` on the
+    CPU.
 
     ``blend`` > 0 runs the final fraction of the steps with ``base`` (see the module doc).
     ``decode`` maps final samples to images (a VAE for latent models); the default is the
@@ -116,8 +124,8 @@ def generate(
     if switch_step(steps, blend) < steps and base is None:
         raise ValueError("blend > 0 needs the base model to blend with")
     grid = sampling_grid(model, steps, shift)
-    x1 = start_samples(model, torch.randn(len(cond), cfg.channels, cfg.image_size, cfg.image_size,
-                                          generator=torch.Generator().manual_seed(seed)), grid).to(device)
+    noise = torch.randn(len(cond), *noise_shape(cfg), generator=torch.Generator().manual_seed(seed))
+    x1 = start_samples(model, noise, grid).to(device)
     velocity: Velocity = lambda x, t: model.velocity(x, t, cond, guidance)  # noqa: E731
     if base is not None:
         velocity = blended_velocity(velocity, lambda x, t: base.velocity(x, t, cond, guidance), grid, blend)

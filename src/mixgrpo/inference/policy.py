@@ -87,7 +87,7 @@ def load_policy(spec: str | Path, *, ema: bool = True, on_note: Callable[[str], 
     """Load ``base``, a model folder, a peft adapter folder or a run folder (see module doc);
     FLUX/SD3 runs, exports and pipeline folders go to
     :func:`~mixgrpo.inference.diffusers_policy.load_diffusers_policy`, which takes
-    ``diffusers_options`` (embeddings, image_size, flux_guidance, device, offload, cache_dir)."""
+    ``diffusers_options`` (embeddings, image_size, flux_guidance, device, offload, cache_dir, dtype, frames)."""
     name = str(spec)
     folder = Path(spec)
     if name != "base" and _is_diffusers(folder):

@@ -28,7 +28,7 @@ class Policy:
     model: EmbeddedModel | Any  # anything with velocity(x, t, cond, guidance) and .config
     base: EmbeddedModel | Any
     source: str  # where the weights came from, for reports
-    kind: str = "embedded"  # embedded | flux | sd3 | qwen-image | flux2 | sd
+    kind: str = "embedded"  # embedded | flux | sd3 | qwen-image | flux2 | wan | sd
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: the embedded model's pixel space
     shift: float = 3.0  # time shift of the sampling grid (diffusers kinds: their scheduler's)
     device: str = "cpu"  # where the model samples (noise is drawn on the CPU, then moved)
@@ -43,6 +43,11 @@ class Policy:
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def video(self) -> bool:
+        """Whether it samples videos ``(B, F, 3, H, W)`` (latents with frames) rather than images."""
+        return hasattr(self.config, "frames")
 
     def grid_shift(self, steps: int) -> float:
         """The time shift of a ``steps``-step sampling grid."""

@@ -25,7 +25,7 @@ __all__ = ["RunModel", "latest_run_weights", "load_named", "load_safetensors", "
 
 logger = logging.getLogger(__name__)
 
-_KINDS = ("embedded", "flux", "sd3", "qwen-image", "flux2", "sd")
+_KINDS = ("embedded", "flux", "sd3", "qwen-image", "flux2", "wan", "sd")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class RunModel:
     lora_targets: list[str] = field(default_factory=list)
     image_size: int = 512  # flux/sd3: pixels per side
     flux_guidance: float = 3.5  # FLUX.1's distilled guidance
+    frames: int = 81  # wan: video frames
     embeddings: str | None = None  # flux/sd3: the training prompts' `mixgrpo preprocess` folder
     eval_embeddings: str | None = None  # flux/sd3: the held-out prompts' (None: `embeddings`)
     shift: float | str = 3.0  # the run's sampler.shift (a number, or "scheduler")
@@ -69,6 +70,7 @@ def read_run_model(folder: str | Path) -> RunModel:
                         lora_rank=int(model.get("lora_rank", 0)), lora_alpha=float(model.get("lora_alpha", 16.0)),
                         lora_targets=list(model.get("lora_targets") or []), image_size=int(model.get("image_size", 512)),
                         flux_guidance=float(model.get("flux_guidance", 3.5)), embeddings=model.get("embeddings"),
+                        frames=int(model.get("frames", 81)),
                         eval_embeddings=model.get("eval_embeddings"), dtype=str(model.get("dtype", "float32")),
                         shift=shift if shift == "scheduler" else float(shift))
     except (TypeError, ValueError) as err:

@@ -3,9 +3,13 @@
 from .base import (
     Reward,
     check_images,
+    check_reward_input,
+    check_videos,
     get_reward,
+    is_video_reward,
     list_rewards,
     register_reward,
+    registered_reward,
     score,
     validate_reward_output,
 )
@@ -14,8 +18,10 @@ from .composition import CompositionReward
 from .composition_v1 import CompositionV1Reward
 from .flatness import FlatnessReward
 from .imagereward import ImageRewardReward
+from .motion import MotionCompositionReward
 from .official import OfficialHPS, OfficialImageReward
 from .preference import CLIPScoreReward, HPSv21Reward, PickScoreReward
+from .video import PerFrameReward, TemporalConsistencyReward
 from .vlm_judge import VLMJudgeReward
 
 __all__ = [
@@ -26,15 +32,22 @@ __all__ = [
     "FlatnessReward",
     "HPSv21Reward",
     "ImageRewardReward",
+    "MotionCompositionReward",
     "OfficialHPS",
     "OfficialImageReward",
+    "PerFrameReward",
     "PickScoreReward",
     "Reward",
+    "TemporalConsistencyReward",
     "VLMJudgeReward",
     "check_images",
+    "check_reward_input",
+    "check_videos",
     "get_reward",
+    "is_video_reward",
     "list_rewards",
     "register_reward",
+    "registered_reward",
     "score",
     "validate_reward_output",
 ]

@@ -11,6 +11,10 @@ A reward maps a batch of images and their prompts to one score per image::
 Register it with ``@register_reward("my-reward")`` (or the ``mixgrpo.rewards`` entry-point
 group, loaded on first lookup) and refer to it by name in configs. Heavy imports belong
 inside the class, so listing rewards stays cheap.
+
+A *video* reward sets the class attribute ``video = True`` and scores ``(B, F, 3, H, W)``
+clips. :func:`score` refuses an image reward on videos (wrap it: ``per-frame``, in
+:mod:`.video`) and a video reward on images, each in one line.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Reward", "RewardOptionsError", "check_images", "get_reward", "list_rewards", "register_reward", "score", "validate_reward_output"]
+__all__ = ["Reward", "RewardOptionsError", "check_images", "check_videos", "get_reward", "is_video_reward", "list_rewards",
+           "register_reward", "score", "validate_reward_output"]
 
 
 @runtime_checkable
@@ -134,6 +139,41 @@ def check_images(images: torch.Tensor, prompts: list[str]) -> None:
         raise ValueError(f"images must be in [0, 1], got values in [{low:.3g}, {high:.3g}]; {hint}")
 
 
+def check_videos(videos: torch.Tensor, prompts: list[str]) -> None:
+    """:func:`check_images` for ``(B, F, 3, H, W)`` clips in [0, 1], one prompt per clip."""
+    if not isinstance(videos, torch.Tensor) or videos.ndim != 5 or videos.shape[2] != 3:
+        shape = tuple(videos.shape) if isinstance(videos, torch.Tensor) else type(videos).__name__
+        raise ValueError(f"expected videos of shape (B, F, 3, H, W), got {shape}; pass RGB clips frames-first")
+    if len(prompts) != videos.shape[0]:
+        raise ValueError(f"got {videos.shape[0]} videos but {len(prompts)} prompts; pass one prompt per video")
+    check_images(videos.flatten(0, 1), [p for p in prompts for _ in range(videos.shape[1])])
+
+
+def is_video_reward(reward: object) -> bool:
+    """Whether ``reward`` scores ``(B, F, 3, H, W)`` clips (its ``video`` attribute)."""
+    return bool(getattr(reward, "video", False))
+
+
+def check_reward_input(reward: object, name: str, videos: bool, shape: tuple[int, ...] | None = None) -> None:
+    """One line when ``reward`` (an instance, or its registered class) cannot score what a model
+    makes: an image reward on videos (the fix: wrap it in ``per-frame``) or a video reward on
+    images. ``shape``: the batch's, for the message."""
+    made = "videos" if videos else "images"
+    got = f"got {made} {tuple(shape)}" if shape is not None else f"this model makes {made}"
+    if videos and not is_video_reward(reward):
+        raise ValueError(f"reward {name!r} scores images (B, 3, H, W) but {got}; score them "
+                         f"frame by frame with rewards: {{per-frame: {{weight: 1, reward: {name}}}}}")
+    if not videos and is_video_reward(reward):
+        raise ValueError(f"reward {name!r} scores videos (B, F, 3, H, W) but {got}; "
+                         "use it on a video model, or pick an image reward")
+
+
+def registered_reward(name: str) -> Callable[..., Reward] | None:
+    """The class (or factory) registered as ``name``, or None; for checks before any reward is built."""
+    _load_entry_points()
+    return _REGISTRY.get(name)
+
+
 def validate_reward_output(values: torch.Tensor, batch: int, name: str, *, allow_nonfinite: bool = False) -> torch.Tensor:
     """A reward's output as ``(B,)`` float32.
 
@@ -159,8 +199,14 @@ def score(reward: Reward, images: torch.Tensor, prompts: list[str], *, allow_non
     """Check the inputs, call ``reward`` and check its output; returns ``(B,)`` float32.
 
     With ``allow_nonfinite`` the caller has replaced non-finite images itself and wants
-    NaN/Inf scores back rather than an error."""
-    check_images(images, prompts)
+    NaN/Inf scores back rather than an error. ``images`` may be ``(B, F, 3, H, W)`` videos
+    for a video reward."""
+    name = getattr(reward, "name", repr(reward))
+    if isinstance(images, torch.Tensor) and images.ndim in (4, 5):
+        check_reward_input(reward, name, images.ndim == 5, images.shape)
+    if is_video_reward(reward):
+        check_videos(images, prompts)
+    else:
+        check_images(images, prompts)
     values = reward(images, prompts)
-    return validate_reward_output(values, images.shape[0], getattr(reward, "name", repr(reward)),
-                                  allow_nonfinite=allow_nonfinite)
+    return validate_reward_output(values, images.shape[0], name, allow_nonfinite=allow_nonfinite)

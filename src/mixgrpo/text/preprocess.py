@@ -18,7 +18,9 @@ the CLIP text encoder's last states ``(n, 77, D)`` and the empty negative prompt
 CLIP encoders' penultimate states side by side and text_encoder_2's pooled projection, and the
 negative prompt's (zeros where the pipeline's ``force_zeros_for_empty_prompt`` says so). CLIP
 always pads to its tokenizer's length (77), whatever ``max_sequence_length`` says; SDXL's time
-ids depend on the image size only and are made by the adapter.
+ids depend on the image size only and are made by the adapter. Wan: UMT5 states, zero after each
+prompt's tokens, at the full sequence length (512; about 8 MB per prompt in float32), plus the
+negative prompt ``""``'s (``negative_embeds``), the pipeline's default, for its CFG.
 """
 
 from __future__ import annotations
@@ -33,10 +35,13 @@ from safetensors.torch import load_file, save_file
 
 __all__ = ["SUPPORTED_PIPELINES", "load_embeddings", "pipeline_class", "preprocess_prompts", "write_embeddings"]
 
-SUPPORTED_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline", "QwenImagePipeline", "Flux2Pipeline",
-                       "StableDiffusionPipeline", "StableDiffusionXLPipeline")
+IMAGE_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline", "QwenImagePipeline", "Flux2Pipeline",
+                   "StableDiffusionPipeline", "StableDiffusionXLPipeline")
+VIDEO_PIPELINES = ("WanPipeline",)
+SUPPORTED_PIPELINES = IMAGE_PIPELINES + VIDEO_PIPELINES
 # the text length each pipeline encodes at by default (its __call__'s max_sequence_length)
-DEFAULT_LENGTH = {"FluxPipeline": 512, "StableDiffusion3Pipeline": 256, "QwenImagePipeline": 512, "Flux2Pipeline": 512}
+DEFAULT_LENGTH = {"FluxPipeline": 512, "StableDiffusion3Pipeline": 256, "QwenImagePipeline": 512, "Flux2Pipeline": 512,
+                  "WanPipeline": 512}
 CLIP_ONLY = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # padded to the tokenizer's own length
 # the components the text encoders do not need (the UNet pipelines' denoiser is "unet"; SD1's
 # safety checker and its feature extractor only look at decoded images)
@@ -58,7 +63,8 @@ def pipeline_class(model_dir: str | Path) -> str:
     name = json.loads(index.read_text()).get("_class_name")
     if name not in SUPPORTED_PIPELINES:
         raise ValueError(f"{index} describes {name!r}; supported pipelines (text-to-image): "
-                         f"{', '.join(SUPPORTED_PIPELINES)}: pass the folder of one of them")
+                         f"{', '.join(IMAGE_PIPELINES)}; (text-to-video): {', '.join(VIDEO_PIPELINES)}: "
+                         "pass the folder of one of them")
     return name
 
 
@@ -126,6 +132,10 @@ def _encode(pipe, name: str, batch: list[str], length: int) -> dict[str, torch.T
         embeds, neg, pooled, neg_pooled = pipe.encode_prompt(batch, device=pipe.device, num_images_per_prompt=1,
                                                              do_classifier_free_guidance=True)
         return {"prompt_embeds": embeds, "pooled": pooled, "negative_embeds": neg, "negative_pooled": neg_pooled}
+    if name == "WanPipeline":
+        embeds, neg = pipe.encode_prompt(batch, negative_prompt="", do_classifier_free_guidance=True,
+                                         max_sequence_length=length)
+        return {"prompt_embeds": embeds, "negative_embeds": neg}
     embeds, _ = pipe.encode_prompt(batch, max_sequence_length=length)  # Flux2Pipeline
     return {"prompt_embeds": embeds}
 

@@ -3,11 +3,12 @@ become conditions and how final samples become images. Every preset runs unchang
 
 * ``embedded``: the embedded model on the procedural world (prompts from the grammar's
   train / held-out split, MiniLM embeddings, pixel space);
-* ``flux`` / ``sd3`` / ``qwen-image`` / ``flux2`` / ``sd``: a diffusers transformer (SD1.x/2.x/XL:
-  a UNet) from a local pipeline folder, conditions from `mixgrpo preprocess` shards (the text
-  encoders are never loaded during RL), images from the pipeline's VAE. An ``sd`` model brings
-  its own time grid and start (its DDIM timesteps; see :mod:`mixgrpo.models.sd`), which the
-  trainer asks for through :func:`~mixgrpo.inference.generate.sampling_grid` and
+* ``flux`` / ``sd3`` / ``qwen-image`` / ``flux2`` / ``wan`` / ``sd``: a diffusers transformer
+  (SD1.x/2.x/XL: a UNet) from a local pipeline folder, conditions from `mixgrpo preprocess` shards
+  (the text encoders are never loaded during RL), images (Wan: videos) from the pipeline's VAE. An
+  ``sd`` model brings its own time grid and start (its DDIM timesteps; see
+  :mod:`mixgrpo.models.sd`), which the trainer asks for through
+  :func:`~mixgrpo.inference.generate.sampling_grid` and
   :func:`~mixgrpo.inference.generate.start_samples`; ``sampler.shift`` does not apply to it.
 """
 
@@ -29,11 +30,11 @@ __all__ = ["Backend", "make_backend", "scheduler_shift", "to_device"]
 
 @dataclass
 class Backend:
-    model: nn.Module  # velocity(x, t, cond, guidance); .config has channels and image_size
+    model: nn.Module  # velocity(x, t, cond, guidance); .config has channels and image_size (video: and frames)
     train_prompts: list[str]
     eval_prompts: list[str]
     condition: Callable[[Sequence[str]], Any]  # prompts -> condition with .index and len
-    decode: Callable[[torch.Tensor], torch.Tensor]  # final samples -> images (B, 3, H, W) in [0, 1]
+    decode: Callable[[torch.Tensor], torch.Tensor]  # final samples -> images (B, 3, H, W) / videos (B, F, 3, H, W) in [0, 1]
     lora_module: nn.Module  # where a LoRA adapter goes
     lora_targets: list[str] | None  # None = the module's defaults
     # rewards every held-out evaluation reports besides the training ones (the embedded world:
@@ -63,7 +64,7 @@ def _diffusers(cfg: TrainConfig) -> Backend:
     # keeps fp32 master weights and autocasts
     weight_dtype = torch.bfloat16 if m.dtype == "bfloat16" and m.lora_rank > 0 else torch.float32
     parts = load_diffusers_model(m.kind, m.path, image_size=m.image_size, device=m.device, dtype=weight_dtype,
-                                 flux_guidance=m.flux_guidance)
+                                 flux_guidance=m.flux_guidance, frames=m.frames)
     train_cond = parts.conditions(m.embeddings)
     eval_source = m.eval_embeddings or m.embeddings
     eval_cond = parts.conditions(eval_source) if eval_source != m.embeddings else train_cond

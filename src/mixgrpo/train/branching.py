@@ -44,8 +44,9 @@ def prune_sizes(expanded: int, keep: int, num_prunes: int) -> list[int]:
 
 def spread_features(x0_hat: torch.Tensor) -> torch.Tensor:
     """Pruning features of predicted clean samples: 8x8 average-pooled, flattened. Coarse on
-    purpose: early ``x0_hat`` is blurry, and layout and colour are what separate rewards."""
-    return torch.nn.functional.adaptive_avg_pool2d(x0_hat.float(), 8).flatten(1)
+    purpose: early ``x0_hat`` is blurry, and layout and colour are what separate rewards. Video
+    latents ``(B, C, F, H, W)`` pool each frame (channels and frames side by side)."""
+    return torch.nn.functional.adaptive_avg_pool2d(x0_hat.float().flatten(1, -3), 8).flatten(1)
 
 
 def make_pruning(plan: SamplingPlan, sampler: SamplerConfig, expanded: int) -> Pruning | None:

@@ -18,6 +18,7 @@ import yaml
 
 from ..core.windows import WindowSchedule
 from .config_sections import (
+    VIDEO_KINDS,
     LossConfig,
     ModelConfig,
     OptimConfig,
@@ -97,6 +98,12 @@ class TrainConfig:
         weights = self.reward_weights
         if not weights or any(w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
             raise ValueError(f"rewards must map reward names to weights >= 0 with a positive sum, got {self.rewards}")
+        from ..rewards import check_reward_input, registered_reward
+
+        for name in self.rewards:  # an image reward on a video model (or the reverse), before any model loads
+            reward = registered_reward(name)
+            if reward is not None:
+                check_reward_input(reward, name, videos=self.model.kind in VIDEO_KINDS)
         if self.eval_steps is not None and self.eval_steps < 1:
             raise ValueError(f"eval_steps must be >= 1 or null, got {self.eval_steps}")
         if self.eval_every < 1 or self.eval_prompts < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:

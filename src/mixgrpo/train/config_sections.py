@@ -210,18 +210,20 @@ class OptimConfig:
             raise ValueError(f"optim.ema must be in (0, 1) or null, got {self.ema}")
 
 
-MODEL_KINDS = ("embedded", "flux", "sd3", "qwen-image", "flux2", "sd")
+MODEL_KINDS = ("embedded", "flux", "sd3", "qwen-image", "flux2", "wan", "sd")
+VIDEO_KINDS = ("wan",)  # models whose samples are videos (B, F, 3, H, W): video rewards only
 
 
 @dataclass
 class ModelConfig:
-    kind: str = "embedded"  # embedded (the tiny model; "tiny-dit" is an old alias) | flux | sd3 | qwen-image | flux2 | sd (diffusers, local folders; sd: SD1.x/2.x/XL)
+    kind: str = "embedded"  # embedded (the tiny model; "tiny-dit" is an old alias) | flux | sd3 | qwen-image | flux2 | wan | sd (diffusers, local folders; sd: SD1.x/2.x/XL)
     checkpoint: str | None = None  # embedded: model folder; None = the shipped embedded base
     path: str | None = None  # flux/sd3: local diffusers pipeline folder
     embeddings: str | None = None  # flux/sd3: `mixgrpo preprocess` output of the training prompts
     eval_embeddings: str | None = None  # flux/sd3: same for evaluation prompts (default: `embeddings`)
     image_size: int = 512  # flux/sd3: pixels per side (latents are image_size / VAE factor)
     flux_guidance: float = 3.5  # FLUX.1-dev / FLUX.2-dev distilled guidance (MixGRPO FLUX.1: 3.5; Flux2Pipeline default: 4)
+    frames: int = 81  # wan: video frames, 4k + 1 (WanPipeline's default 81; latents have (frames - 1) / 4 + 1)
     lora_rank: int = 0  # 0 = full fine-tuning; > 0 trains a peft LoRA adapter
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=list)  # empty = the model's default attention projections
@@ -239,6 +241,13 @@ class ModelConfig:
                              "(run `mixgrpo preprocess` first)")
         if self.image_size < 8:
             raise ValueError(f"model.image_size must be >= 8, got {self.image_size}")
+        if self.kind in VIDEO_KINDS:
+            from ..models.wan import latent_frames
+
+            try:
+                latent_frames(self.frames)
+            except ValueError as err:
+                raise ValueError(f"model.frames: {err}") from None
         if self.lora_rank < 0:
             raise ValueError(f"model.lora_rank must be >= 0, got {self.lora_rank}")
         if self.dtype not in ("float32", "bfloat16"):

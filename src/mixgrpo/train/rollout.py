@@ -14,7 +14,7 @@ import torch
 
 from ..core.sampler import concat_rollouts, initial_noise, sample
 from ..core.tree import sample_tree, tree_edge_mask
-from ..inference.generate import start_samples
+from ..inference.generate import noise_shape, start_samples
 from .batch import RolloutBatch, iteration_generator
 from .branching import ConditionedVelocity, make_pruning
 
@@ -52,8 +52,7 @@ def rollout(self: Any, iteration: int) -> RolloutBatch:
     p = len(local)
     prompts = [self.train_prompts[picks[i]] for i in local for _ in range(g)]
     cond = self.backend.condition(prompts)
-    mc = self.model.config
-    shape = (mc.channels, mc.image_size, mc.image_size)
+    shape = noise_shape(self.model.config)  # (C, H, W), or (C, F, H, W) for video
     if s.noise_per_group:  # group i's stream: (seed, iteration, 2, i), whichever rank samples it
         gens = [iteration_generator(cfg.seed, iteration, 2, i) for i in local]
         x1 = torch.cat([initial_noise(1, g, shape, shared=s.shared_noise, generator=gen) for gen in gens])
