@@ -129,7 +129,7 @@ GRADIENT_WEIGHTING = ("rewards={flatness: 1.0, composition: 1.0}", "weighting.na
 
 @pytest.mark.parametrize(("preset", "extra"), [
     ("nft", ()), pytest.param("awm", (), marks=pytest.mark.slow), pytest.param("branch-grpo", (), marks=pytest.mark.slow),
-    ("mixgrpo", GRADIENT_WEIGHTING + ("optim.minibatches=1",)),  # one gradient per reward, min-norm weights
+    ("mixgrpo", (*GRADIENT_WEIGHTING, "optim.minibatches=1")),  # one gradient per reward, min-norm weights
     # the second of 4 optimizer steps: each group's balanced slice, whichever rank holds the group
     ("mixgrpo", ("optim.minibatch_order=balance", "MIXGRPO_PROBE_STEP=1")),
 ])

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from mixgrpo.core.accounting import count_model_passes
-from mixgrpo.core.grids import compressed_tail_grid, time_shift, uniform_grid, validate_grid
+from mixgrpo.core.grids import (
+    compressed_tail_grid,
+    interpolated_tail_grid,
+    time_shift,
+    uniform_grid,
+    validate_grid,
+)
 from mixgrpo.core.sampler import SamplingPlan, flash_plan, mixed_plan, sample
 
 
@@ -98,6 +104,23 @@ def test_model_passes_for_every_method_at_t25():
     }
     assert count_model_passes(mixed_plan(uniform_grid(25), [0]), 1, cfg=True).total == 52
     assert count_model_passes(mixed_plan(uniform_grid(25), [0]), 1, cfg=True, kl=True).total == 54
+
+
+@pytest.mark.parametrize(("after", "compression"), [(3, 0.4), (3, 0.2), (0, 1.0), (10, 0.3)])
+def test_interpolated_tail_is_the_compressed_tail_on_an_unshifted_grid(after, compression):
+    """Flash's tail for any training grid (a VP model's DDIM times): on ``uniform_grid(T)`` it
+    is the reference compression; on any grid it has as many points and keeps its ends."""
+    tail = interpolated_tail_grid(uniform_grid(25), after, compression)
+    torch.testing.assert_close(tail, compressed_tail_grid(25, after, compression, 1.0), rtol=0, atol=1e-12)
+    bent = uniform_grid(25, shift=3.0) ** 1.5  # any decreasing grid
+    tail = interpolated_tail_grid(bent, after, compression)
+    assert tail.numel() == compressed_tail_grid(25, after, compression, 3.0).numel()
+    assert tail[0] == bent[after + 1] and tail[-1] == bent[-1] and bool((tail[1:] < tail[:-1]).all())
+    # a Flash plan on that grid: the grid up to the window's end, then the tail
+    plan = flash_plan(25, range(after + 1) if after < 4 else range(after - 3, after + 1), compression, 3.0, grid=bent)
+    assert torch.equal(plan.grid, torch.cat([bent[: after + 1], tail]))
+    with pytest.raises(ValueError, match="needs a grid of 26 times"):
+        flash_plan(25, [0, 1], compression, 3.0, grid=bent[:-1])
 
 
 def test_model_passes_match_velocity_calls():

@@ -164,7 +164,7 @@ def test_presets_step_as_often_per_rollout_as_their_references(preset, steps):
 def test_bad_minibatch_settings_are_refused_with_the_fix():
     from mixgrpo.train.config import TrainConfig
 
-    with pytest.raises(ValueError, match="optim.minibatches must be >= 1"):
+    with pytest.raises(ValueError, match=r"optim\.minibatches must be >= 1"):
         apply_overrides(TrainConfig(), ["optim.minibatches=0"])
     with pytest.raises(ValueError, match="minibatch_order must be one of none, random, balance"):
         apply_overrides(TrainConfig(), ["optim.minibatch_order=sorted"])

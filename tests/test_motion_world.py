@@ -91,7 +91,7 @@ BOUNDS = {
 
 
 def test_each_way_of_faking_motion_stays_under_its_bound():
-    prompts, scores = _family_scores()
+    _, scores = _family_scores()
     assert scores["clean"].mean().item() >= 0.98
     table = {k: round(v.mean().item(), 3) for k, v in scores.items()}
     print("motion verifier, mean over 72 prompts:", table)

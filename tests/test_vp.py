@@ -19,6 +19,7 @@ from mixgrpo.core.vp import (
     vp_grid,
     vp_timesteps,
 )
+
 from test_steps import TinyVelocity
 
 diffusers = pytest.importorskip("diffusers")

@@ -1,5 +1,5 @@
 """Tiny random diffusers pipelines built offline (tokenizers included) for the real-model paths:
-FLUX.1, SD3, Qwen-Image, FLUX.2 and Wan (text-to-video)."""
+FLUX.1, SD3, Qwen-Image, FLUX.2, SD, SDXL and Wan (text-to-video)."""
 
 from __future__ import annotations
 
@@ -220,6 +220,101 @@ def make_tiny_flux2_pipeline(folder: Path) -> Path:
     pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae,
                          text_encoder=encoder, tokenizer=tok, transformer=transformer)
     pipe.save_pretrained(folder)
+    return folder
+
+
+def _clip_word_tokenizer(folder: Path, max_length: int = 16):
+    """A CLIPTokenizer whose BPE merges build each of :data:`WORDS`, so prompts differ in tokens
+    (the plain tiny tokenizer knows single letters only)."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    merges: list[str] = []
+    for word in WORDS:
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        for piece in pieces:
+            vocab.setdefault(piece, len(vocab))
+        done = pieces[0]
+        for piece in pieces[1:]:
+            if f"{done} {piece}" not in merges:
+                merges.append(f"{done} {piece}")
+            done += piece
+            vocab.setdefault(done, len(vocab))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), unk_token="<|endoftext|>",
+                         pad_token="<|endoftext|>", model_max_length=max_length), len(vocab)
+
+
+def _tiny_sd_vae(scaling_factor: float, **stats):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 8], layers_per_block=1,
+                         latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=scaling_factor, **stats)
+
+
+def make_tiny_sd_pipeline(folder: Path, prediction_type: str = "epsilon", spacing: str = "leading",
+                          alpha_to_one: bool = False) -> Path:
+    """A StableDiffusionPipeline (CLIP 16-d, 2 layers; a 4-channel VAE that downsamples by 2; a
+    two-level UNet with cross-attention) with a ``DDIMScheduler`` on SD's betas, saved to
+    ``folder``. Defaults as SD1.5: epsilon, leading spacing with offset 1, final alpha
+    ``alphas_cumprod[0]``; SD2.x-like with ``prediction_type="v_prediction"``."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tok, vocab = _clip_word_tokenizer(folder.parent / (folder.name + "-vocab"))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, max_position_embeddings=16))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=2, norm_num_groups=4)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=alpha_to_one, steps_offset=1, timestep_spacing=spacing,
+                              prediction_type=prediction_type)
+    pipe = StableDiffusionPipeline(vae=_tiny_sd_vae(0.18215), text_encoder=clip, tokenizer=tok, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_sdxl_pipeline(folder: Path) -> Path:
+    """A StableDiffusionXLPipeline (two CLIPs, 16-d each, the second with a 16-d projection; a
+    4-channel VAE that downsamples by 2; a two-level UNet with SDXL's text-time embedding) saved
+    to ``folder``. Its VAE carries per-channel ``latents_mean`` / ``latents_std``. Its scheduler config is SDXL's: an ``EulerDiscreteScheduler`` whose json also
+    carries the DDIM keys (``clip_sample`` and ``set_alpha_to_one`` false, leading, offset 1)."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=16)
+    tok1, vocab = _clip_word_tokenizer(folder.parent / (folder.name + "-clip1"))
+    tok2, _ = _clip_word_tokenizer(folder.parent / (folder.name + "-clip2"))
+    clip1 = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, **text))
+    clip2 = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=vocab, projection_dim=16, **text))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=(2, 4), norm_num_groups=4, use_linear_projection=True,
+                                addition_embed_type="text_time", addition_time_embed_dim=4,
+                                projection_class_embeddings_input_dim=16 + 6 * 4)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    # per-channel latent statistics (as Playground v2.5's SDXL VAE), so that decoding path is tested too
+    vae = _tiny_sd_vae(0.5, latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.7, 2.0, 1.1])
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=clip1, text_encoder_2=clip2,
+                                     tokenizer=tok1, tokenizer_2=tok2, unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True}))
     return folder
 
 

@@ -167,7 +167,7 @@ DeviceOpt = Annotated[str, typer.Option(help="FLUX/SD3: where the model samples 
 OffloadOpt = Annotated[bool, typer.Option(help="FLUX/SD3 full fine-tunes: keep the policy and its base on the CPU in turn while the other samples (for --blend).")]
 DtypeOpt = Annotated[str | None, typer.Option(help="FLUX/SD3: float type of the weights, float32 or bfloat16 (default: the run's model.dtype, else float32).")]
 FramesOpt = Annotated[int | None, typer.Option(help="Wan: video frames, 4k + 1 (default: the run's or export's, else 81).")]
-ShiftOpt = Annotated[float | None, typer.Option(help="Time shift of the sampling grid (default: 3 for the embedded model; the run's, else the scheduler's, for FLUX/SD3).")]
+ShiftOpt = Annotated[float | None, typer.Option(help="Time shift of the sampling grid (default: 3 for the embedded model; the run's, else the scheduler's, for FLUX/SD3/Wan; SD samples on its DDIM timesteps, no shift).")]
 
 
 def _diffusers_options(embeddings, image_size, flux_guidance, device, offload, dtype, frames=None) -> dict:
@@ -237,6 +237,7 @@ def sample(
         if prompts == "heldout":
             chosen = _load_prompts(prompt, prompts, world=_world_name(policy))
         policy.check_guidance(cfg)
+        policy.check_shift(shift)
         images = generate_prompts(policy, policy.conditions(chosen), chosen, seed=seed, steps=steps, solver=solver,
                                   guidance=cfg, blend=blend, base=policy.base, decode=policy.decode,
                                   shift=policy.grid_shift(steps) if shift is None else shift, device=policy.device)
@@ -305,6 +306,8 @@ def eval_(
 
                 names = list(get_world(worlds[0]).eval_rewards)
                 scorers = build_rewards(names, reward_specs)
+        for policy in policies:
+            policy.check_shift(shift)
     except (ValueError, KeyError, FileNotFoundError, OSError) as err:
         _fail(str(err.args[0]) if isinstance(err, KeyError) else str(err))
     # an interrupted evaluation left its finished parts in OUT.partial: the same command continues
@@ -455,10 +458,10 @@ def bench(
 
 @app.command()
 def preprocess(
-    model: Annotated[Path, typer.Option(help="Local diffusers pipeline folder (FLUX.1, FLUX.2, SD3/SD3.5, Qwen-Image or Wan text-to-video).")],
+    model: Annotated[Path, typer.Option(help="Local diffusers pipeline folder (FLUX.1, FLUX.2, SD3/SD3.5, Qwen-Image, SD1.x/2.x, SDXL or Wan text-to-video).")],
     prompts: Annotated[str, typer.Option(help="Prompt file: .txt (one per line), .json or .jsonl with a 'prompt' field.")],
     out: Annotated[Path, typer.Option(help="New folder for the embedding shards and index.json.")],
-    max_sequence_length: Annotated[int | None, typer.Option(help="Text tokens (default: FLUX.1, FLUX.2, Qwen-Image, Wan 512; SD3 256).")] = None,
+    max_sequence_length: Annotated[int | None, typer.Option(help="Text tokens (default: FLUX.1, FLUX.2, Qwen-Image, Wan 512; SD3 256; SD/SDXL: always CLIP's 77).")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per encoder batch.")] = 16,
 ) -> None:
     """Precompute text embeddings with the pipeline's own encoders (offline, safetensors shards)."""

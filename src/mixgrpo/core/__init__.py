@@ -5,7 +5,13 @@ The model enters only as a ``velocity(x, t) -> v`` callable.
 
 from .accounting import ModelPasses, count_model_passes
 from .dpm_solver import dpm_solver_pp_step, half_log_snr
-from .grids import compressed_tail_grid, time_shift, uniform_grid, validate_grid
+from .grids import (
+    compressed_tail_grid,
+    interpolated_tail_grid,
+    time_shift,
+    uniform_grid,
+    validate_grid,
+)
 from .grpo import (
     Advantages,
     group_advantages,
@@ -58,6 +64,7 @@ __all__ = [
     "group_advantages",
     "half_log_snr",
     "initial_noise",
+    "interpolated_tail_grid",
     "kl_std",
     "make_window_schedule",
     "max_variance_subset",

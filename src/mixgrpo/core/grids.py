@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["compressed_tail_grid", "time_shift", "uniform_grid", "validate_grid"]
+__all__ = ["compressed_tail_grid", "interpolated_tail_grid", "time_shift", "uniform_grid", "validate_grid"]
 
 
 def time_shift(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
@@ -105,3 +105,29 @@ def compressed_tail_grid(
     num_points = max(int((num_steps - after_step) * compression), 2)
     start = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[after_step + 1].item()
     return validate_grid(time_shift(torch.linspace(start, 0.0, num_points, dtype=torch.float64), shift))
+
+
+def interpolated_tail_grid(grid: torch.Tensor, after_step: int, compression: float) -> torch.Tensor:
+    """MixGRPO-Flash's compressed tail for any training grid (a VP model's DDIM times): as many
+    points as :func:`compressed_tail_grid` gives, ``n = max(int((T - e) r), 2)``, at evenly
+    spaced fractional step indices from ``e + 1`` to ``T``, the grid interpolated linearly in
+    between. It starts at ``grid[e + 1]`` and ends at ``grid[T]`` exactly; on an unshifted
+    uniform grid it is :func:`compressed_tail_grid` (up to rounding).
+
+    Returns:
+        ``(n,)`` float64 grid.
+    """
+    grid = validate_grid(grid)
+    num_steps = grid.numel() - 1
+    if not 0 <= after_step <= num_steps - 2:
+        raise ValueError(
+            f"after_step must be in [0, {num_steps - 2}] for a {num_steps}-step grid, got {after_step}"
+        )
+    if not 0.0 < compression <= 1.0:
+        raise ValueError(f"compression must be in (0, 1], got {compression}")
+    num_points = max(int((num_steps - after_step) * compression), 2)
+    where = torch.linspace(after_step + 1, num_steps, num_points, dtype=torch.float64)
+    lo = where.floor().long().clamp(max=num_steps - 1)
+    tail = grid[lo] + (where - lo) * (grid[lo + 1] - grid[lo])
+    tail[0], tail[-1] = grid[after_step + 1], grid[-1]  # the ends exactly, whatever the rounding
+    return validate_grid(tail)

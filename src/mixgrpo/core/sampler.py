@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from .dpm_solver import DPM_ORDERS, dpm_solver_pp_step
-from .grids import compressed_tail_grid, uniform_grid, validate_grid
+from .grids import compressed_tail_grid, interpolated_tail_grid, uniform_grid, validate_grid
 from .steps import (
     LogProbForm,
     Reduction,
@@ -109,10 +109,16 @@ def flash_plan(
     compression: float,
     shift: float,
     order: int = 2,
+    *,
+    grid: torch.Tensor | None = None,
 ) -> SamplingPlan:
     """MixGRPO-Flash: on the training grid ``uniform_grid(num_steps, shift)``, Euler before
     the window and SDE inside it; after it, multistep DPM-Solver++ of ``order`` on the
     compressed grid of :func:`~mixgrpo.core.grids.compressed_tail_grid`.
+
+    ``grid``: a model's own ``num_steps``-step training grid instead (a VP model's DDIM
+    times; ``shift`` is then unused), its tail compressed by
+    :func:`~mixgrpo.core.grids.interpolated_tail_grid`.
 
     ``window`` must be contiguous, e.g. ``(0, 1, 2, 3)``. The DPM-Solver history starts
     fresh after the window (see :func:`sample`); the reference code instead keeps the
@@ -124,11 +130,14 @@ def flash_plan(
         raise ValueError(f"a Flash window must be a non-empty run of consecutive steps, got {list(window)}")
     if order not in DPM_ORDERS:
         raise ValueError(f"DPM-Solver++ order must be one of {DPM_ORDERS}, got {order}")
-    grid = uniform_grid(num_steps, shift=shift)
+    own = grid is not None
+    grid = validate_grid(grid) if own else uniform_grid(num_steps, shift=shift)
+    if grid.numel() != num_steps + 1:
+        raise ValueError(f"a {num_steps}-step Flash plan needs a grid of {num_steps + 1} times, got {grid.numel()}")
     start, end = steps[0], steps[-1]
     if steps[0] < 0 or end > num_steps - 2:
         raise ValueError(f"window {steps} must lie in [0, {num_steps - 2}] (before the last step of a {num_steps}-step grid)")
-    tail = compressed_tail_grid(num_steps, end, compression, shift)
+    tail = interpolated_tail_grid(grid, end, compression) if own else compressed_tail_grid(num_steps, end, compression, shift)
     new_grid = torch.cat([grid[: end + 1], tail])  # t_0 ... t_e, then t_{e+1} ... 0
     kinds = ("euler",) * start + ("sde",) * len(steps) + (f"dpm{order}",) * (tail.numel() - 1)
     return SamplingPlan(grid=new_grid, kinds=kinds, window=tuple(steps))

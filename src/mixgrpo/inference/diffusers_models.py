@@ -1,6 +1,7 @@
-"""FLUX.1, FLUX.2, SD3, Qwen-Image and Wan (text-to-video) for inference: the velocity model, its
-VAE decoder, its scheduler's time shift and prompt conditions from `mixgrpo preprocess` folders,
-loaded from local diffusers folders.
+"""FLUX.1, FLUX.2, SD3, Qwen-Image, Stable Diffusion 1.x / 2.x / XL and Wan (text-to-video) for
+inference: the velocity model, its VAE decoder, its scheduler's time shift (or, for SD, its DDIM
+grid: the model's ``time_grid``) and prompt conditions from `mixgrpo preprocess` folders, loaded
+from local diffusers folders.
 
 Training (:mod:`mixgrpo.train.backends`) builds its diffusers backend from the same pieces, so
 ``sample`` and ``eval`` see the model exactly as the trainer did.
@@ -23,17 +24,21 @@ import torch
 from torch import nn
 
 __all__ = ["DEFAULT_GUIDANCE", "DiffusersModel", "EmbeddingConditions", "encode_or_load_embeddings",
-           "load_diffusers_model", "lora_targets", "make_velocity_model", "scheduler_shift", "to_device", "vae_decoder"]
+           "load_diffusers_model", "lora_targets", "make_velocity_model", "network_folder", "scheduler_shift",
+           "to_device", "vae_decoder"]
 
 logger = logging.getLogger(__name__)
 
 TRANSFORMERS = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
                 "qwen-image": "QwenImageTransformer2DModel", "flux2": "Flux2Transformer2DModel",
-                "wan": "WanTransformer3DModel"}
+                "wan": "WanTransformer3DModel", "sd": "UNet2DConditionModel"}
+# the pipeline folder's subfolder holding that network (and its name in LoRA files: "<name>.<module>...")
+NETWORK_FOLDERS = {"sd": "unet"}
 PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "QwenImagePipeline": "qwen-image",
-             "Flux2Pipeline": "flux2", "WanPipeline": "wan"}
+             "Flux2Pipeline": "flux2", "WanPipeline": "wan", "StableDiffusionPipeline": "sd",
+             "StableDiffusionXLPipeline": "sd"}
 VAES = {"flux": "AutoencoderKL", "sd3": "AutoencoderKL", "qwen-image": "AutoencoderKLQwenImage",
-        "flux2": "AutoencoderKLFlux2", "wan": "AutoencoderKLWan"}
+        "flux2": "AutoencoderKLFlux2", "wan": "AutoencoderKLWan", "sd": "AutoencoderKL"}
 WAN_FRAMES = 81  # WanPipeline's default frame count, for a pipeline folder sampled without --frames
 # the distilled guidance a pipeline folder samples with when none is given (each pipeline's default)
 DEFAULT_GUIDANCE = {"flux": 3.5, "flux2": 4.0}
@@ -44,11 +49,17 @@ def lora_targets(kind: str) -> list[str]:
     from ..models.flux import FLUX_LORA_TARGETS
     from ..models.flux2 import FLUX2_LORA_TARGETS
     from ..models.qwen_image import QWEN_IMAGE_LORA_TARGETS
+    from ..models.sd import SD_LORA_TARGETS
     from ..models.sd3 import SD3_LORA_TARGETS
     from ..models.wan import WAN_LORA_TARGETS
 
     return list({"flux": FLUX_LORA_TARGETS, "sd3": SD3_LORA_TARGETS, "qwen-image": QWEN_IMAGE_LORA_TARGETS,
-                 "flux2": FLUX2_LORA_TARGETS, "wan": WAN_LORA_TARGETS}[kind])
+                 "flux2": FLUX2_LORA_TARGETS, "wan": WAN_LORA_TARGETS, "sd": SD_LORA_TARGETS}[kind])
+
+
+def network_folder(kind: str) -> str:
+    """The pipeline subfolder of ``kind``'s denoising network: ``transformer``, or ``unet`` for SD."""
+    return NETWORK_FOLDERS.get(kind, "transformer")
 
 
 def to_device(cond: Any, device: torch.device | str) -> Any:
@@ -99,7 +110,8 @@ def vae_decoder(pipeline_dir: Path, device: torch.device,
     """``latents -> images (B, 3, H, W) in [0, 1]`` with the pipeline's VAE and its latent
     normalisation, the pixels per latent cell, and the multiple image sides must be.
 
-    FLUX.1 / SD3 (``AutoencoderKL``): ``z / scaling + shift``. Qwen-Image
+    FLUX.1 / SD3 / SD (``AutoencoderKL``): ``z / scaling + shift`` (SDXL-style VAEs with
+    ``latents_mean`` / ``latents_std``: ``z std / scaling + mean``). Qwen-Image
     (``AutoencoderKLQwenImage``, a one-frame video VAE): ``z / (1 / std) + mean`` per channel on
     ``(B, C, 1, H, W)``. FLUX.2 (``AutoencoderKLFlux2``): our latents are its patchified ones, so
     ``z * sqrt(var + eps) + mean`` with the BatchNorm running statistics, then the 2x2 patches go
@@ -145,6 +157,14 @@ def vae_decoder(pipeline_dir: Path, device: torch.device,
             b, ch, h, w = z.shape  # (B, 4C, H/2, W/2) -> (B, C, H, W): channel 4c + 2i + j is patch pixel (i, j)
             return z.view(b, ch // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, ch // 4, 2 * h, 2 * w)
 
+    elif kind == "sd" and getattr(c, "latents_mean", None) is not None and getattr(c, "latents_std", None) is not None:
+        factor = 2 ** (len(c.block_out_channels) - 1)
+        mean = torch.tensor(c.latents_mean).view(1, -1, 1, 1)
+        std = torch.tensor(c.latents_std).view(1, -1, 1, 1)
+
+        def to_vae(z: torch.Tensor) -> torch.Tensor:  # StableDiffusionXLPipeline's arithmetic
+            return (z * std.to(z) / c.scaling_factor + mean.to(z)).to(device, vae.dtype)
+
     else:
         factor = 2 ** (len(c.block_out_channels) - 1)
         scale, shift = c.scaling_factor, c.shift_factor or 0.0
@@ -162,8 +182,10 @@ def vae_decoder(pipeline_dir: Path, device: torch.device,
         return ((images.float() + 1) / 2).clamp(0, 1)
 
     # FLUX.2's latents are patchified: one cell covers 2 VAE cells, and any side that is a
-    # multiple of it works; the others pack 2x2 VAE cells into a token
-    return (decode, 2 * factor, 2 * factor) if kind == "flux2" else (decode, factor, 2 * factor)
+    # multiple of it works; SD's UNet takes any latent side; the others pack 2x2 VAE cells into a token
+    if kind == "flux2":
+        return decode, 2 * factor, 2 * factor
+    return decode, factor, factor if kind == "sd" else 2 * factor
 
 
 class EmbeddingConditions:
@@ -194,15 +216,23 @@ class EmbeddingConditions:
 
 
 def make_velocity_model(kind: str, transformer: nn.Module, latent_size: int, flux_guidance: float = 3.5, *,
-                        frames: int | None = None, expand_timesteps: bool = False) -> nn.Module:
-    """``kind``'s adapter over ``transformer`` (``flux_guidance``: FLUX.1 / FLUX.2's distilled guidance;
-    ``frames``: Wan's latent frames; ``expand_timesteps``: Wan2.2 TI2V's per-token timesteps)."""
+                        frames: int | None = None, expand_timesteps: bool = False,
+                        pipeline_dir: str | Path | None = None, image_size: int | None = None) -> nn.Module:
+    """``kind``'s adapter over ``transformer`` (``flux_guidance``: FLUX.1 / FLUX.2's distilled
+    guidance; ``frames``: Wan's latent frames; ``expand_timesteps``: Wan2.2 TI2V's per-token
+    timesteps; SD needs ``pipeline_dir`` for its scheduler and ``image_size`` for SDXL's time ids)."""
     if kind == "wan":
         from ..models.wan import WanVelocityModel
 
         if frames is None:
             raise ValueError("a Wan velocity model needs its latent frame count")
         return WanVelocityModel(transformer, latent_size, frames, expand_timesteps)
+    if kind == "sd":
+        from ..models.sd import SDVelocityModel, load_vp_schedule
+
+        if pipeline_dir is None or image_size is None:
+            raise ValueError("an sd velocity model needs its pipeline folder (the DDIM schedule) and the image size")
+        return SDVelocityModel(transformer, latent_size, load_vp_schedule(pipeline_dir), image_size)
     if kind == "flux":
         from ..models.flux import FluxVelocityModel
 
@@ -224,13 +254,14 @@ def make_velocity_model(kind: str, transformer: nn.Module, latent_size: int, flu
 class DiffusersModel:
     """What sampling needs of a diffusers pipeline folder."""
 
-    kind: str  # flux | sd3 | qwen-image | flux2 | wan
+    kind: str  # flux | sd3 | qwen-image | flux2 | wan | sd
     folder: Path  # the pipeline folder
-    transformer: nn.Module  # the diffusers transformer (LoRA goes here)
+    transformer: nn.Module  # the diffusers transformer, or SD's UNet (LoRA goes here)
     model: nn.Module  # velocity(x, t, cond, guidance) over it
-    decode: Callable[[torch.Tensor], torch.Tensor]
+    decode: Callable[[torch.Tensor], torch.Tensor]  # final samples -> images (SD: from c(tau_end) y)
     latent_size: int
     lora_targets: list[str]
+    image_size: int | None = None  # pixels per side
 
     def make_condition(self, **tensors: torch.Tensor):
         if self.kind == "flux":
@@ -250,6 +281,11 @@ class DiffusersModel:
 
             return QwenImageCondition(tensors["prompt_embeds"], tensors["prompt_mask"], tensors.get("negative_embeds"),
                                       tensors.get("negative_mask"))
+        if self.kind == "sd":
+            from ..models.sd import SDCondition
+
+            return SDCondition(tensors["prompt_embeds"], tensors.get("pooled"), tensors.get("negative_embeds"),
+                               tensors.get("negative_pooled"))
         from ..models.sd3 import SD3Condition
 
         return SD3Condition(tensors["prompt_embeds"], tensors["pooled"], tensors.get("negative_embeds"),
@@ -257,6 +293,11 @@ class DiffusersModel:
 
     def conditions(self, embeddings: str | Path) -> EmbeddingConditions:
         c = self.transformer.config
+        if self.kind == "sd":  # SDXL's added embedding: the pooled text vector, then 6 time ids
+            pooled = (c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+                      if c.addition_embed_type == "text_time" else None)
+            return EmbeddingConditions(embeddings, self.make_condition, expect_dim=c.cross_attention_dim,
+                                       expect_pooled=pooled)
         pooled = c.pooled_projection_dim if self.kind in ("flux", "sd3") else None  # Qwen-Image, FLUX.2, Wan: none
         dim = c.text_dim if self.kind == "wan" else c.joint_attention_dim
         return EmbeddingConditions(embeddings, self.make_condition, expect_dim=dim, expect_pooled=pooled)
@@ -270,11 +311,12 @@ class DiffusersModel:
         """Another transformer (a fine-tune) behind the same adapter settings."""
         return make_velocity_model(self.kind, transformer, self.latent_size, getattr(self.model, "guidance_scale", 3.5),
                                    frames=getattr(self.model.config, "frames", None),
-                                   expand_timesteps=getattr(self.model, "expand_timesteps", False))
+                                   expand_timesteps=getattr(self.model, "expand_timesteps", False),
+                                   pipeline_dir=self.folder, image_size=self.image_size)
 
 
 def pipeline_kind(folder: Path) -> str:
-    """``flux``, ``sd3``, ``qwen-image``, ``flux2`` or ``wan`` from a pipeline folder's ``model_index.json``."""
+    """``flux``, ``sd3``, ``qwen-image``, ``flux2``, ``wan`` or ``sd`` from a pipeline folder's ``model_index.json``."""
     from ..text.preprocess import pipeline_class
 
     return PIPELINES[pipeline_class(folder)]
@@ -283,7 +325,7 @@ def pipeline_kind(folder: Path) -> str:
 def load_transformer_of(kind: str, folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     from ..models.diffusers_io import load_transformer
 
-    return load_transformer(folder, TRANSFORMERS[kind], dtype)
+    return load_transformer(folder, TRANSFORMERS[kind], dtype, subfolder=network_folder(kind))
 
 
 def load_diffusers_model(kind: str, folder: str | Path, *, image_size: int, device: str | torch.device = "cpu",
@@ -294,6 +336,7 @@ def load_diffusers_model(kind: str, folder: str | Path, *, image_size: int, devi
     if kind not in TRANSFORMERS:
         raise ValueError(f"model kind must be one of {', '.join(TRANSFORMERS)}, got {kind!r}")
     folder = Path(folder)
+    _check_pipeline(kind, folder)
     video: dict[str, Any] = {}
     if kind == "wan":  # the pipeline class, its experts and the frame count are checked before any weight loads
         from ..models.wan import check_wan_pipeline, latent_frames
@@ -307,8 +350,28 @@ def load_diffusers_model(kind: str, folder: str | Path, *, image_size: int, devi
     if image_size % multiple:
         raise ValueError(f"image size {image_size} must be a multiple of {multiple} for this VAE")
     latent = image_size // factor
-    model = make_velocity_model(kind, transformer, latent, flux_guidance, **video)
-    return DiffusersModel(kind, folder, transformer, model, decode, latent, lora_targets(kind))
+    model = make_velocity_model(kind, transformer, latent, flux_guidance, pipeline_dir=folder, image_size=image_size,
+                                **video)
+    final = getattr(model, "final_latents", None)  # a VP model's last sample is y = x / c(tau_end)
+    if final is not None:
+        decode = _decoding_from(final, decode)
+    return DiffusersModel(kind, folder, transformer, model, decode, latent, lora_targets(kind), image_size)
+
+
+def _check_pipeline(kind: str, folder: Path) -> None:
+    """A pipeline folder without ``kind``'s network folder: one line naming the kind it is."""
+    index = folder / "model_index.json"
+    if (folder / network_folder(kind)).is_dir() or not index.is_file():
+        return  # the network's own folder, or the loader names what it finds
+    found = json.loads(index.read_text()).get("_class_name")
+    fix = (f"set model.kind={PIPELINES[found]}" if found in PIPELINES else
+           f"pass a {' or '.join(p for p, k in PIPELINES.items() if k == kind)} folder")
+    raise ValueError(f"{index} describes {found!r}, which has no {network_folder(kind)}/ for model.kind={kind}: {fix}")
+
+
+def _decoding_from(final_latents: Callable[[torch.Tensor], torch.Tensor],
+                   decode: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda samples: decode(final_latents(samples))
 
 
 def encode_or_load_embeddings(pipeline_dir: Path, prompts: Sequence[str], cache_dir: Path,

@@ -1,12 +1,13 @@
-"""FLUX.1 / FLUX.2 / SD3 / Qwen-Image / Wan policies for ``sample`` and ``eval``: a run, an export
-or a pipeline folder.
+"""FLUX.1 / FLUX.2 / SD3 / Qwen-Image / Wan / Stable Diffusion policies for ``sample`` and
+``eval``: a run, an export or a pipeline folder.
 
-* a ``mixgrpo train`` run with ``model.kind=flux|sd3|qwen-image|flux2|wan``: its newest intact checkpoint. LoRA:
+* a ``mixgrpo train`` run with ``model.kind=flux|sd3|qwen-image|flux2|wan|sd``: its newest intact checkpoint. LoRA:
   the adapter on the pipeline's transformer, and the base for ``--blend`` is the same network
   with the adapter switched off (no second copy). Full fine-tune: the trained transformer, and
   the base loaded once beside it (``offload``: each kept on the CPU while the other samples);
-* a ``mixgrpo export`` folder (``mixgrpo_export.json``): a ``transformer/`` folder (full or
-  merged LoRA) or diffusers' ``pytorch_lora_weights.safetensors``, over the base it names;
+* a ``mixgrpo export`` folder (``mixgrpo_export.json``): a ``transformer/`` folder (SD:
+  ``unet/``; full or merged LoRA) or diffusers' ``pytorch_lora_weights.safetensors``, over the
+  base it names;
 * a diffusers pipeline folder (``model_index.json``): the base model itself.
 
 Prompts become conditions from `mixgrpo preprocess` folders: the one passed as
@@ -35,6 +36,7 @@ from .diffusers_models import (
     encode_or_load_embeddings,
     load_diffusers_model,
     load_transformer_of,
+    network_folder,
     pipeline_kind,
     scheduler_shift,
     to_device,
@@ -128,12 +130,12 @@ def load_diffusers_policy(folder: Path, name: str, *, embeddings: str | Path | N
                                      dtype=weights_dtype, frames=frames or meta.get("frames", WAN_FRAMES))
         shift, source = meta.get("shift", "scheduler"), str(folder)
         length = meta.get("max_sequence_length")
-        if (folder / LORA_FILE).is_file():
-            _apply_lora(parts, int(meta["rank"]), float(meta["alpha"]), meta.get("targets"),
-                        in_place_lora_names(load_safetensors(folder / LORA_FILE), "transformer."), folder / LORA_FILE)
+        if (folder / LORA_FILE).is_file():  # keys "<network folder>.<module>.lora_A.weight"
+            state = in_place_lora_names(load_safetensors(folder / LORA_FILE), network_folder(kind) + ".")
+            _apply_lora(parts, int(meta["rank"]), float(meta["alpha"]), meta.get("targets"), state, folder / LORA_FILE)
             model, base = parts.model, AdapterOff(parts.model)
         else:
-            trained = load_transformer_of(kind, folder / "transformer", weights_dtype)
+            trained = load_transformer_of(kind, folder / network_folder(kind), weights_dtype)
             model, base = parts.velocity_model(trained), parts.model
     else:  # a pipeline folder: the base model
         kind = pipeline_kind(folder)
@@ -162,7 +164,9 @@ def load_diffusers_policy(folder: Path, name: str, *, embeddings: str | Path | N
     base.eval()
     conditions = _Conditions(parts, embeddings, known, cache_dir, device, length)
     return Policy(name, model, base, source, kind=parts.kind, decode=parts.decode, shift=float(shift),
-                  device=str(device), prompt_conditions=conditions, shift_at=shift_at)
+                  device=str(device), prompt_conditions=conditions, shift_at=shift_at,
+                  time_grid=getattr(parts.model, "time_grid", None),
+                  initial_noise_scale=getattr(parts.model, "initial_noise_scale", None))
 
 
 class _Conditions:

@@ -27,13 +27,19 @@ from ..models.tiny_dit import TextCondition
 from ..text import PromptEmbeddings
 
 __all__ = ["EVAL_CHUNK", "VelocityModel", "blended_velocity", "condition", "generate", "generate_prompts",
-           "noise_shape", "pixels_from_samples"]
+           "has_time_grid", "noise_shape", "pixels_from_samples", "sampling_grid", "start_samples"]
 
 EVAL_CHUNK = 64  # prompts per batch; chunk c draws its noise from seed + c * EVAL_CHUNK
 
 
 class VelocityModel(Protocol):
-    """What inference needs of a model: an image config and a guided velocity."""
+    """What inference needs of a model: an image config and a guided velocity.
+
+    A model whose path is not the flow's from ``t = 1`` (a VP diffusion model, see
+    :mod:`mixgrpo.models.sd`) may also have ``time_grid(steps) -> grid`` (its own grid of
+    times, used instead of ``uniform_grid(steps, shift)``) and ``initial_noise_scale(grid) ->
+    float`` (its start is ``scale * randn``); the samplers ask through :func:`sampling_grid` and
+    :func:`start_samples`, and flow models are untouched (bitwise)."""
 
     config: object
 
@@ -45,6 +51,23 @@ def noise_shape(config: object) -> tuple[int, ...]:
     with ``frames``, the latent frames)."""
     c, side, frames = config.channels, config.image_size, getattr(config, "frames", None)
     return (c, side, side) if frames is None else (c, frames, side, side)
+
+
+def has_time_grid(model: object) -> bool:
+    """Whether ``model`` brings its own time grid (``time_grid``)."""
+    return getattr(model, "time_grid", None) is not None
+
+
+def sampling_grid(model: object, steps: int, shift: float) -> torch.Tensor:
+    """``model.time_grid(steps)`` when the model has one, else ``uniform_grid(steps, shift)``."""
+    return model.time_grid(steps) if has_time_grid(model) else uniform_grid(steps, shift=shift)
+
+
+def start_samples(model: object, noise: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """The sampler's start from standard normal ``noise`` at ``grid[0]``: the noise itself (a
+    flow model at t = 1), or ``model.initial_noise_scale(grid) * noise``."""
+    scale = getattr(model, "initial_noise_scale", None)
+    return noise if scale is None else noise * scale(grid)
 
 
 def condition(embeddings: PromptEmbeddings, prompts: Sequence[str]) -> TextCondition:
@@ -90,8 +113,9 @@ def generate(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Deterministic ODE sampling from ``randn(seed)`` (drawn on the CPU, then moved to
-    ``device``); returns images ``(B, 3, H, W)`` (a video model's: ``(B, F, 3, H, W)``) in
-    ``[0, 1]`` on the CPU.
+    ``device``) on ``uniform_grid(steps, shift)`` or the model's own grid (:func:`sampling_grid`);
+    returns images ``(B, 3, H, W)`` (a video model's: ``(B, F, 3, H, W)``) in ``[0, 1]`` on the
+    CPU.
 
     ``blend`` > 0 runs the final fraction of the steps with ``base`` (see the module doc).
     ``decode`` maps final samples to images (a VAE for latent models); the default is the
@@ -99,8 +123,9 @@ def generate(
     cfg = model.config
     if switch_step(steps, blend) < steps and base is None:
         raise ValueError("blend > 0 needs the base model to blend with")
-    x1 = torch.randn(len(cond), *noise_shape(cfg), generator=torch.Generator().manual_seed(seed)).to(device)
-    grid = uniform_grid(steps, shift=shift)
+    grid = sampling_grid(model, steps, shift)
+    noise = torch.randn(len(cond), *noise_shape(cfg), generator=torch.Generator().manual_seed(seed))
+    x1 = start_samples(model, noise, grid).to(device)
     velocity: Velocity = lambda x, t: model.velocity(x, t, cond, guidance)  # noqa: E731
     if base is not None:
         velocity = blended_velocity(velocity, lambda x, t: base.velocity(x, t, cond, guidance), grid, blend)

@@ -1,5 +1,5 @@
 """What inference holds of a checkpoint: :class:`Policy` (loaders: :mod:`.policy` for the
-embedded model, :mod:`.diffusers_policy` for FLUX/SD3)."""
+embedded model, :mod:`.diffusers_policy` for the diffusers models)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class Policy:
     model: EmbeddedModel | Any  # anything with velocity(x, t, cond, guidance) and .config
     base: EmbeddedModel | Any
     source: str  # where the weights came from, for reports
-    kind: str = "embedded"  # embedded | flux | sd3 | qwen-image | flux2 | wan
+    kind: str = "embedded"  # embedded | flux | sd3 | qwen-image | flux2 | wan | sd
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: the embedded model's pixel space
     shift: float = 3.0  # time shift of the sampling grid (diffusers kinds: their scheduler's)
     device: str = "cpu"  # where the model samples (noise is drawn on the CPU, then moved)
@@ -36,6 +36,9 @@ class Policy:
     prompt_conditions: Callable[[Sequence[str]], Callable[[Sequence[str]], Any]] | None = None
     # steps -> shift where the scheduler's shift depends on the step count (FLUX.2); None: ``shift``
     shift_at: Callable[[int], float] | None = None
+    # a VP model's own grid and start (models/sd.py; generate.sampling_grid / start_samples); None: the flow's
+    time_grid: Callable[[int], torch.Tensor] | None = None
+    initial_noise_scale: Callable[[torch.Tensor], float] | None = None
 
     @property
     def config(self):
@@ -56,6 +59,12 @@ class Policy:
         if guidance != 1.0 and self.kind in DISTILLED_KINDS:
             raise ValueError(f"{self.name} is guidance-distilled ({self.kind}): set --flux-guidance, not --cfg "
                              f"(--cfg must be 1, got {guidance:g})")
+
+    def check_shift(self, shift: float | None) -> None:
+        """Refuse a time shift for a model that samples on its own grid (SD's DDIM timesteps)."""
+        if shift is not None and self.time_grid is not None:
+            raise ValueError(f"{self.name} samples on its scheduler's DDIM timesteps ({self.kind}), which no time shift "
+                             "changes: leave out --shift")
 
     def conditions(self, prompts: Sequence[str]) -> PromptEmbeddings | Callable[[Sequence[str]], Any]:
         """What :func:`~mixgrpo.inference.generate.generate_prompts` needs to condition on ``prompts``."""

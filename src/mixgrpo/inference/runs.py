@@ -25,7 +25,7 @@ __all__ = ["RunModel", "latest_run_weights", "load_named", "load_safetensors", "
 
 logger = logging.getLogger(__name__)
 
-_KINDS = ("embedded", "flux", "sd3", "qwen-image", "flux2", "wan")
+_KINDS = ("embedded", "flux", "sd3", "qwen-image", "flux2", "wan", "sd")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Loading diffusers transformers from local folders: safetensors only, never the network."""
+"""Loading diffusers networks (transformers, UNets) from local folders: safetensors only, never the network."""
 
 from __future__ import annotations
 
@@ -11,18 +11,20 @@ from torch import nn
 __all__ = ["load_transformer"]
 
 
-def load_transformer(folder: str | Path, class_name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_transformer(folder: str | Path, class_name: str, dtype: torch.dtype = torch.float32,
+                     subfolder: str = "transformer") -> nn.Module:
     """``class_name`` (a diffusers model class) from ``folder``: a pipeline folder (its
-    ``transformer/``) or the transformer folder itself. Errors name what was found."""
+    ``subfolder``: ``transformer/``, or ``unet/`` for Stable Diffusion) or the network's folder
+    itself. Errors name what was found."""
     import diffusers
 
     folder = Path(folder)
-    sub = folder / "transformer"
+    sub = folder / subfolder
     target = sub if (sub / "config.json").is_file() else folder
     config = target / "config.json"
     if not config.is_file():
         found = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) if folder.is_dir() else "nothing"
-        raise FileNotFoundError(f"no {class_name} in {folder} (no config.json there or in transformer/; found: {found})")
+        raise FileNotFoundError(f"no {class_name} in {folder} (no config.json there or in {subfolder}/; found: {found})")
     try:
         found_class = json.loads(config.read_text()).get("_class_name")
     except json.JSONDecodeError as err:

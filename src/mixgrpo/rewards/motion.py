@@ -18,6 +18,8 @@ the 0.4 of being there, and clutter in any frame costs.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 
 from ..world.grammar import PromptError
@@ -37,7 +39,7 @@ def motion_credit(spec: MotionSpec, frames: list[Verdict], min_step: float) -> f
     moves = single and len(frames) >= 2
     if moves:
         dx, dy = DIRECTIONS[spec.direction]
-        for before, after in zip(frames, frames[1:], strict=False):
+        for before, after in pairwise(frames):
             ox, oy = after.objects[0].cx - before.objects[0].cx, after.objects[0].cy - before.objects[0].cy
             along, across = ox * dx + oy * dy, ox * dy + oy * dx
             if along < min_step or abs(across) > along:
@@ -77,7 +79,7 @@ class MotionCompositionReward:
     def __call__(self, videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_videos(videos, prompts)
         specs = [self._spec(p) for p in prompts]  # bad prompts fail before any work
-        b, f, _, h, w = videos.shape
+        f, h, w = videos.shape[1], videos.shape[3], videos.shape[4]
         verdicts = self.frames.verdicts(videos.flatten(0, 1))
         unit = h * w / 32**2
         free, budget = self.frames.free_pixels * unit, self.frames.junk_budget * unit

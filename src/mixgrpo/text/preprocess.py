@@ -13,9 +13,14 @@ prompt's (``negative_embeds``, ``negative_pooled``: SD3 uses real classifier-fre
 Qwen-Image: Qwen2.5-VL states with their 0/1 ``prompt_mask``, zero-padded to the longest
 prompt, plus the negative prompt ``" "``'s (``negative_embeds``, ``negative_mask``) for its
 true CFG. FLUX.2: Mistral-3 states of three layers, padded to the sequence length (no mask,
-no pooled vector; about 31 MB per prompt at length 512 in float32). Wan: UMT5 states, zero
-after each prompt's tokens, at the full sequence length (512; about 8 MB per prompt in float32),
-plus the negative prompt ``""``'s (``negative_embeds``), the pipeline's default, for its CFG.
+no pooled vector; about 31 MB per prompt at length 512 in float32). Stable Diffusion 1.x / 2.x:
+the CLIP text encoder's last states ``(n, 77, D)`` and the empty negative prompt's; SDXL: both
+CLIP encoders' penultimate states side by side and text_encoder_2's pooled projection, and the
+negative prompt's (zeros where the pipeline's ``force_zeros_for_empty_prompt`` says so). CLIP
+always pads to its tokenizer's length (77), whatever ``max_sequence_length`` says; SDXL's time
+ids depend on the image size only and are made by the adapter. Wan: UMT5 states, zero after each
+prompt's tokens, at the full sequence length (512; about 8 MB per prompt in float32), plus the
+negative prompt ``""``'s (``negative_embeds``), the pipeline's default, for its CFG.
 """
 
 from __future__ import annotations
@@ -30,12 +35,19 @@ from safetensors.torch import load_file, save_file
 
 __all__ = ["SUPPORTED_PIPELINES", "load_embeddings", "pipeline_class", "preprocess_prompts", "write_embeddings"]
 
-IMAGE_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline", "QwenImagePipeline", "Flux2Pipeline")
+IMAGE_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline", "QwenImagePipeline", "Flux2Pipeline",
+                   "StableDiffusionPipeline", "StableDiffusionXLPipeline")
 VIDEO_PIPELINES = ("WanPipeline",)
 SUPPORTED_PIPELINES = IMAGE_PIPELINES + VIDEO_PIPELINES
 # the text length each pipeline encodes at by default (its __call__'s max_sequence_length)
 DEFAULT_LENGTH = {"FluxPipeline": 512, "StableDiffusion3Pipeline": 256, "QwenImagePipeline": 512, "Flux2Pipeline": 512,
                   "WanPipeline": 512}
+CLIP_ONLY = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # padded to the tokenizer's own length
+# the components the text encoders do not need (the UNet pipelines' denoiser is "unet"; SD1's
+# safety checker and its feature extractor only look at decoded images)
+_SKIPPED = {"StableDiffusionPipeline": {"unet": None, "vae": None, "safety_checker": None, "feature_extractor": None,
+                                       "requires_safety_checker": False},
+            "StableDiffusionXLPipeline": {"unet": None, "vae": None}}
 QWEN_NEGATIVE_PROMPT = " "  # the "empty" negative prompt diffusers' Qwen-Image docs use for true CFG
 INDEX = "index.json"
 
@@ -77,12 +89,13 @@ def preprocess_prompts(
     if not prompts:
         raise ValueError("no prompts to encode")
     try:
-        pipe = getattr(diffusers, name).from_pretrained(model_dir, transformer=None, vae=None, local_files_only=True,
-                                                        use_safetensors=True)
+        skipped = _SKIPPED.get(name, {"transformer": None, "vae": None})
+        pipe = getattr(diffusers, name).from_pretrained(model_dir, local_files_only=True, use_safetensors=True,
+                                                        **skipped)
     except ImportError as err:  # e.g. FLUX.2's PixtralProcessor wants torchvision
         raise ValueError(f"cannot load the text encoder of {model_dir}: {str(err).strip().splitlines()[0]} "
                          "(install the library it names)") from None
-    length = max_sequence_length or DEFAULT_LENGTH[name]
+    length = pipe.tokenizer.model_max_length if name in CLIP_ONLY else max_sequence_length or DEFAULT_LENGTH[name]
     columns: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
@@ -112,6 +125,13 @@ def _encode(pipe, name: str, batch: list[str], length: int) -> dict[str, torch.T
             parts["prompt_embeds" if key == "prompt" else "negative_embeds"] = embeds
             parts[f"{key}_mask"] = mask
         return parts
+    if name == "StableDiffusionPipeline":  # negative_prompt None: the pipeline's "" per prompt
+        embeds, neg = pipe.encode_prompt(batch, pipe.device, 1, True)
+        return {"prompt_embeds": embeds, "negative_embeds": neg}
+    if name == "StableDiffusionXLPipeline":
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(batch, device=pipe.device, num_images_per_prompt=1,
+                                                             do_classifier_free_guidance=True)
+        return {"prompt_embeds": embeds, "pooled": pooled, "negative_embeds": neg, "negative_pooled": neg_pooled}
     if name == "WanPipeline":
         embeds, neg = pipe.encode_prompt(batch, negative_prompt="", do_classifier_free_guidance=True,
                                          max_sequence_length=length)

@@ -3,9 +3,13 @@ become conditions and how final samples become images. Every preset runs unchang
 
 * ``embedded``: the embedded model on the procedural world its config names (the image
   grammar's or the moving-shapes world's train / held-out split, MiniLM embeddings, pixel space);
-* ``flux`` / ``sd3`` / ``qwen-image`` / ``flux2`` / ``wan``: a diffusers transformer from a local
-  pipeline folder, conditions from `mixgrpo preprocess` shards (the text encoders are never loaded
-  during RL), images (Wan: videos) from the pipeline's VAE.
+* ``flux`` / ``sd3`` / ``qwen-image`` / ``flux2`` / ``wan`` / ``sd``: a diffusers transformer
+  (SD1.x/2.x/XL: a UNet) from a local pipeline folder, conditions from `mixgrpo preprocess` shards
+  (the text encoders are never loaded during RL), images (Wan: videos) from the pipeline's VAE. An
+  ``sd`` model brings its own time grid and start (its DDIM timesteps; see
+  :mod:`mixgrpo.models.sd`), which the trainer asks for through
+  :func:`~mixgrpo.inference.generate.sampling_grid` and
+  :func:`~mixgrpo.inference.generate.start_samples`; ``sampler.shift`` does not apply to it.
 """
 
 from __future__ import annotations

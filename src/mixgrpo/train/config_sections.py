@@ -23,9 +23,9 @@ __all__ = ["LossConfig", "ModelConfig", "OptimConfig", "SamplerConfig", "Schedul
 @dataclass
 class SamplerConfig:
     num_steps: int = 25  # T, the training grid (MixGRPO: 25)
-    shift: float | str = 3.0  # time shift of the grid (MixGRPO FLUX scripts: 3); "scheduler" = the model's scheduler config
-    sde_kind: str = "flow_grpo"  # flow_grpo | dance | cps | dpm (SDE-DPM-Solver++, first order): the exploration step
-    noise_level: float = 0.7  # a (flow_grpo, cps) or eta (dance)
+    shift: float | str = 3.0  # time shift of the grid (MixGRPO FLUX scripts: 3); "scheduler" = the model's scheduler config; unused by sd (its DDIM grid)
+    sde_kind: str = "flow_grpo"  # flow_grpo | dance | cps | dpm (SDE-DPM-Solver++, first order) | ddim (DDIM eta): the exploration step
+    noise_level: float = 0.7  # a (flow_grpo, cps) or eta (dance, ddim)
     sde_on: str = "trained"  # "trained": SDE only on trained steps (MixGRPO); "all": every trainable step; "none": ODE only
     rollout_policy: str = "current"  # current | old: sample with the lagging old policy (DiffusionNFT)
     ode_solver: str = "euler"  # ODE steps outside the SDE steps
@@ -210,13 +210,13 @@ class OptimConfig:
             raise ValueError(f"optim.ema must be in (0, 1) or null, got {self.ema}")
 
 
-MODEL_KINDS = ("embedded", "flux", "sd3", "qwen-image", "flux2", "wan")
+MODEL_KINDS = ("embedded", "flux", "sd3", "qwen-image", "flux2", "wan", "sd")
 VIDEO_KINDS = ("wan",)  # models whose samples are videos (B, F, 3, H, W): video rewards only
 
 
 @dataclass
 class ModelConfig:
-    kind: str = "embedded"  # embedded (the tiny model; "tiny-dit" is an old alias) | flux | sd3 | qwen-image | flux2 | wan (diffusers, local folders)
+    kind: str = "embedded"  # embedded (the tiny model; "tiny-dit" is an old alias) | flux | sd3 | qwen-image | flux2 | wan | sd (diffusers, local folders; sd: SD1.x/2.x/XL)
     checkpoint: str | None = None  # embedded: model folder; None = the shipped embedded base
     path: str | None = None  # flux/sd3: local diffusers pipeline folder
     embeddings: str | None = None  # flux/sd3: `mixgrpo preprocess` output of the training prompts

@@ -27,10 +27,11 @@ def make_schedule(cfg: TrainConfig) -> WindowSchedule:
 
 
 def sampling_plan(
-    cfg: TrainConfig, schedule: WindowSchedule, grid: torch.Tensor, iteration: int
+    cfg: TrainConfig, schedule: WindowSchedule, grid: torch.Tensor, iteration: int, *, model_grid: bool = False
 ) -> tuple[SamplingPlan, tuple[int, ...]]:
     """The sampling plan and the trained step indices (of the training grid) at ``iteration``;
-    ``cfg.sampler.shift`` must be a number."""
+    ``cfg.sampler.shift`` must be a number. ``model_grid``: ``grid`` is the model's own (a VP
+    model's DDIM times), not ``uniform_grid(num_steps, shift)``; Flash then interpolates its tail."""
     s = cfg.sampler
     trained = schedule.steps(iteration)
     if s.sde_on == "none":  # forward-process objectives: a deterministic sampler, the schedule picks loss times
@@ -38,7 +39,8 @@ def sampling_plan(
     if s.sde_on == "all":
         return mixed_plan(grid, range(s.num_steps - 1), s.ode_solver), trained
     if s.flash_compression is not None:
-        return flash_plan(s.num_steps, trained, s.flash_compression, s.shift, s.dpm_order), trained
+        return flash_plan(s.num_steps, trained, s.flash_compression, s.shift, s.dpm_order,
+                          grid=grid if model_grid else None), trained
     return mixed_plan(grid, trained, s.ode_solver), trained
 
 

@@ -14,7 +14,7 @@ import torch
 
 from ..core.sampler import concat_rollouts, initial_noise, sample
 from ..core.tree import sample_tree, tree_edge_mask
-from ..inference.generate import noise_shape
+from ..inference.generate import noise_shape, start_samples
 from .batch import RolloutBatch, iteration_generator
 from .branching import ConditionedVelocity, make_pruning
 
@@ -59,7 +59,7 @@ def rollout(self: Any, iteration: int) -> RolloutBatch:
     else:
         gens = [iteration_generator(cfg.seed, iteration, 2)]
         x1 = initial_noise(p, g, shape, shared=s.shared_noise, generator=gens[0])
-    x1 = x1.to(self.device)
+    x1 = start_samples(self.model, x1, self.grid).to(self.device)  # flow models: the noise itself
     plan, trained = self.plan(iteration)
     self.model.eval()
     step = s.groups_per_call or p

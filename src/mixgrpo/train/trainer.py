@@ -17,14 +17,13 @@ from typing import Any
 
 import torch
 
-from ..core.grids import uniform_grid
 from ..core.grpo import Advantages, group_advantages, multi_reward_advantages
 from ..core.objective import LossSpec
 from ..core.ovf import max_variance_subset
 from ..core.sampler import SamplingPlan
 from ..core.steps import SDENoise
 from ..core.tree import tree_advantages
-from ..inference.generate import generate_prompts
+from ..inference.generate import generate_prompts, has_time_grid, sampling_grid
 from ..models.lora import adapters_disabled, add_lora
 from ..models.tiny_dit import TextCondition
 from ..rewards import check_reward_input, get_reward, score
@@ -121,7 +120,8 @@ class GRPOTrainer:
         lc = cfg.loss
         self.loss_spec = LossSpec(lc.clip_range, lc.kl_beta, lc.reduction, lc.logprob_form, lc.kl_form, lc.ratio_norm,
                                   lc.step_weight)
-        self.grid = uniform_grid(s.num_steps, shift=s.shift)
+        # the training grid: uniform_grid(num_steps, shift), or the model's own (a VP model's DDIM times)
+        self.grid = sampling_grid(self.model, s.num_steps, s.shift)
         self.schedule = make_schedule(cfg)
         self.nonfinite_streak = 0  # consecutive iterations with NaN/Inf (see optim.max_nonfinite)
         self.autocast = (
@@ -149,7 +149,7 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ rollout
     def plan(self, iteration: int) -> tuple[SamplingPlan, tuple[int, ...]]:
         """The sampling plan and the trained step indices (of the training grid)."""
-        return sampling_plan(self.cfg, self.schedule, self.grid, iteration)
+        return sampling_plan(self.cfg, self.schedule, self.grid, iteration, model_grid=has_time_grid(self.model))
 
     def measured_passes(self, batch: RolloutBatch) -> float:
         """Model passes per trained sample (:func:`~mixgrpo.train.rollout.measured_passes`)."""
