@@ -136,6 +136,7 @@ def test_pretrain_cli_motion_writes_a_loadable_video_model(tmp_path):
     assert isinstance(model, TinyVideoUNet) and model.config.frames == FRAMES and model.config.widths == (8, 16, 32)
 
 
+@pytest.mark.slow  # ~8 s; the CLI pretraining test below stays in the default run
 def test_pretrain_motion_lowers_the_loss_on_a_fixed_batch(tmp_path):
     from mixgrpo.pretrain import PretrainConfig, pretrain
     from mixgrpo.text import cached_embeddings
@@ -187,7 +188,7 @@ def _video_config(checkpoint: str, preset: str, *extra: str):
                        "rewards={motion-composition: 1.0, test-video-brightness: 1.0}", *extra)
 
 
-@pytest.mark.parametrize("preset", ["mixgrpo", "mixgrpo-flash"])
+@pytest.mark.parametrize("preset", ["mixgrpo", pytest.param("mixgrpo-flash", marks=pytest.mark.slow)])
 def test_training_a_video_model_moves_weights_and_scores_motion_composition(tmp_path, video_checkpoint, preset):
     cfg = _video_config(video_checkpoint, preset)
     out = tmp_path / preset
