@@ -96,15 +96,20 @@ def compressed_tail_grid(
     """
     if not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
+    num_points = _tail_points(num_steps, after_step, compression)
+    start = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[after_step + 1].item()
+    return validate_grid(time_shift(torch.linspace(start, 0.0, num_points, dtype=torch.float64), shift))
+
+
+def _tail_points(num_steps: int, after_step: int, compression: float) -> int:
+    """``n = max(int((T - e) r), 2)`` points of Flash's tail, after checking ``e`` and ``r``."""
     if not 0 <= after_step <= num_steps - 2:
         raise ValueError(
             f"after_step must be in [0, {num_steps - 2}] for a {num_steps}-step grid, got {after_step}"
         )
     if not 0.0 < compression <= 1.0:
         raise ValueError(f"compression must be in (0, 1], got {compression}")
-    num_points = max(int((num_steps - after_step) * compression), 2)
-    start = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[after_step + 1].item()
-    return validate_grid(time_shift(torch.linspace(start, 0.0, num_points, dtype=torch.float64), shift))
+    return max(int((num_steps - after_step) * compression), 2)
 
 
 def interpolated_tail_grid(grid: torch.Tensor, after_step: int, compression: float) -> torch.Tensor:
@@ -119,13 +124,7 @@ def interpolated_tail_grid(grid: torch.Tensor, after_step: int, compression: flo
     """
     grid = validate_grid(grid)
     num_steps = grid.numel() - 1
-    if not 0 <= after_step <= num_steps - 2:
-        raise ValueError(
-            f"after_step must be in [0, {num_steps - 2}] for a {num_steps}-step grid, got {after_step}"
-        )
-    if not 0.0 < compression <= 1.0:
-        raise ValueError(f"compression must be in (0, 1], got {compression}")
-    num_points = max(int((num_steps - after_step) * compression), 2)
+    num_points = _tail_points(num_steps, after_step, compression)
     where = torch.linspace(after_step + 1, num_steps, num_points, dtype=torch.float64)
     lo = where.floor().long().clamp(max=num_steps - 1)
     tail = grid[lo] + (where - lo) * (grid[lo + 1] - grid[lo])
