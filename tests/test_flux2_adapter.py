@@ -32,7 +32,6 @@ from mixgrpo.core.sampler import mixed_plan, sample  # noqa: E402
 from mixgrpo.inference.diffusers_models import load_diffusers_model, scheduler_shift, vae_decoder  # noqa: E402
 from mixgrpo.inference.generate import generate_prompts  # noqa: E402
 from mixgrpo.inference.policy import load_policy  # noqa: E402
-from mixgrpo.models.lora import adapters_disabled, add_lora  # noqa: E402
 from mixgrpo.text.preprocess import load_embeddings, preprocess_prompts  # noqa: E402
 from mixgrpo.train.trainer import GRPOTrainer  # noqa: E402
 from tiny_backbones import (  # noqa: E402
@@ -42,6 +41,7 @@ from tiny_backbones import (  # noqa: E402
     check_bf16_checkpointed_step,
     check_exports,
     check_full_fine_tune,
+    check_lora_off_is_base,
     run_config,
     train_lora,
 )
@@ -105,19 +105,8 @@ def test_pipeline_folder_samples_the_pipelines_images(world, tmp_path):
 
 def test_lora_switched_off_is_the_base_bitwise(world):
     parts = load_diffusers_model("flux2", world["pipe"], image_size=SIDE)
-    cond = parts.conditions(world["emb"])(PROMPTS)
-    x, t = _noise(2), torch.full((len(PROMPTS),), 0.6)
-    with torch.no_grad():
-        base = parts.model.velocity(x, t, cond)
-        add_lora(parts.transformer, 4, 8, parts.lora_targets)
-        adapted = {n.split(".lora_")[0] for n, _ in parts.transformer.named_parameters() if "lora_" in n}
-        assert any("single_transformer_blocks" in n for n in adapted)  # the fused single-stream input too
-        for name, p in parts.transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-        with adapters_disabled(parts.transformer):
-            assert torch.equal(parts.model.velocity(x, t, cond), base)
-        assert (parts.model.velocity(x, t, cond) - base).abs().max() > 1e-4
+    adapted = check_lora_off_is_base(parts, parts.conditions(world["emb"])(PROMPTS), _noise(2))
+    assert any("single_transformer_blocks" in n for n in adapted)  # the fused single-stream input too
 
 
 @pytest.mark.parametrize("preset", ["mixgrpo", "mixgrpo-flash"])

@@ -36,7 +36,6 @@ from mixgrpo.inference.diffusers_models import load_diffusers_model, scheduler_s
 from mixgrpo.inference.generate import generate_prompts  # noqa: E402
 from mixgrpo.inference.policy import load_policy  # noqa: E402
 from mixgrpo.models.flux import pack_latents, unpack_latents  # noqa: E402
-from mixgrpo.models.lora import adapters_disabled, add_lora  # noqa: E402
 from mixgrpo.models.qwen_image import QwenImageCondition, QwenImageVelocityModel  # noqa: E402
 from mixgrpo.text.preprocess import load_embeddings, preprocess_prompts  # noqa: E402
 from mixgrpo.train.trainer import GRPOTrainer  # noqa: E402
@@ -47,6 +46,7 @@ from tiny_backbones import (  # noqa: E402
     check_bf16_checkpointed_step,
     check_exports,
     check_full_fine_tune,
+    check_lora_off_is_base,
     run_config,
     train_lora,
 )
@@ -143,18 +143,7 @@ def test_pipeline_folder_samples_the_pipelines_images(world, tmp_path):
 
 def test_lora_switched_off_is_the_base_bitwise(world):
     parts = load_diffusers_model("qwen-image", world["pipe"], image_size=SIDE)
-    cond = parts.conditions(world["emb"])(PROMPTS)
-    x, t = _noise(2), torch.full((len(PROMPTS),), 0.6)
-    with torch.no_grad():
-        base = {g: parts.model.velocity(x, t, cond, g) for g in (1.0, 4.0)}
-        add_lora(parts.transformer, 4, 8, parts.lora_targets)
-        for name, p in parts.transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)  # peft starts B at 0: make the adapter matter
-        for g in (1.0, 4.0):
-            with adapters_disabled(parts.transformer):
-                assert torch.equal(parts.model.velocity(x, t, cond, g), base[g])
-            assert (parts.model.velocity(x, t, cond, g) - base[g]).abs().max() > 1e-4
+    check_lora_off_is_base(parts, parts.conditions(world["emb"])(PROMPTS), _noise(2), (1.0, 4.0))
 
 
 @pytest.mark.parametrize("preset", ["mixgrpo", "mixgrpo-flash"])

@@ -39,7 +39,6 @@ from mixgrpo.core.sampler import flash_plan, initial_noise, mixed_plan, sample  
 from mixgrpo.inference.diffusers_models import load_diffusers_model, make_velocity_model  # noqa: E402
 from mixgrpo.inference.generate import generate_prompts, sampling_grid, start_samples  # noqa: E402
 from mixgrpo.inference.policy import export_run, load_policy  # noqa: E402
-from mixgrpo.models.lora import adapters_disabled, add_lora  # noqa: E402
 from mixgrpo.models.sd import SDCondition, SDVelocityModel, load_vp_schedule  # noqa: E402
 from mixgrpo.text.preprocess import load_embeddings, preprocess_prompts  # noqa: E402
 from mixgrpo.train.batch import iteration_generator  # noqa: E402
@@ -49,6 +48,7 @@ from tiny_backbones import (  # noqa: E402
     PROMPTS,
     SIDE,
     check_bf16_checkpointed_step,
+    check_lora_off_is_base,
     probe,
     run_config,
     train_lora,
@@ -225,18 +225,7 @@ def test_trainer_evaluates_as_the_pipeline(world):
 
 def test_lora_switched_off_is_the_base_bitwise(world):
     parts = load_diffusers_model("sd", world["xl"]["pipe"], image_size=SIDE)
-    cond = parts.conditions(world["xl"]["emb"])(PROMPTS)
-    x, t = _noise(2), torch.full((len(PROMPTS),), 0.6)
-    with torch.no_grad():
-        base = {g: parts.model.velocity(x, t, cond, g) for g in (1.0, 4.0)}
-        add_lora(parts.transformer, 4, 8, parts.lora_targets)
-        for name, p in parts.transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)  # peft starts B at 0: make the adapter matter
-        for g in (1.0, 4.0):
-            with adapters_disabled(parts.transformer):
-                assert torch.equal(parts.model.velocity(x, t, cond, g), base[g])
-            assert (parts.model.velocity(x, t, cond, g) - base[g]).abs().max() > 1e-4
+    check_lora_off_is_base(parts, parts.conditions(world["xl"]["emb"])(PROMPTS), _noise(2), (1.0, 4.0))
 
 
 def _sd_velocity(world, name: str, unet):

@@ -34,7 +34,6 @@ from mixgrpo.inference.diffusers_models import load_diffusers_model, scheduler_s
 from mixgrpo.inference.evaluate import evaluate_policy  # noqa: E402
 from mixgrpo.inference.generate import generate_prompts  # noqa: E402
 from mixgrpo.inference.policy import load_policy  # noqa: E402
-from mixgrpo.models.lora import adapters_disabled, add_lora  # noqa: E402
 from mixgrpo.text.preprocess import load_embeddings, preprocess_prompts  # noqa: E402
 from mixgrpo.train.presets import PRESETS, make_preset  # noqa: E402
 from mixgrpo.train.trainer import GRPOTrainer  # noqa: E402
@@ -45,6 +44,7 @@ from tiny_backbones import (  # noqa: E402
     check_bf16_checkpointed_step,
     check_exports,
     check_full_fine_tune,
+    check_lora_off_is_base,
     run_config,
     train_lora,
 )
@@ -148,19 +148,8 @@ def test_pipeline_folder_samples_videos_and_saves_strips(world, tmp_path, monkey
 
 def test_lora_switched_off_is_the_base_bitwise(world):
     parts = load_diffusers_model("wan", world["pipe"], image_size=SIDE, frames=FRAMES)
-    cond = parts.conditions(world["emb"])(PROMPTS)
-    x, t = _noise(2), torch.full((len(PROMPTS),), 0.6)
-    with torch.no_grad():
-        base = parts.model.velocity(x, t, cond, 5.0)
-        add_lora(parts.transformer, 4, 8, parts.lora_targets)
-        adapted = {n.split(".lora_")[0] for n, _ in parts.transformer.named_parameters() if "lora_" in n}
-        assert {n.split(".")[2] for n in adapted} == {"attn1", "attn2"}  # self- and cross-attention
-        for name, p in parts.transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-        with adapters_disabled(parts.transformer):
-            assert torch.equal(parts.model.velocity(x, t, cond, 5.0), base)
-        assert (parts.model.velocity(x, t, cond, 5.0) - base).abs().max() > 1e-4
+    adapted = check_lora_off_is_base(parts, parts.conditions(world["emb"])(PROMPTS), _noise(2), (5.0,))
+    assert {n.split(".")[2] for n in adapted} == {"attn1", "attn2"}  # self- and cross-attention
 
 
 @pytest.mark.parametrize("preset", ["mixgrpo", "mixgrpo-flash"])

@@ -119,3 +119,23 @@ def check_full_fine_tune(kind: str, pipe: Path, emb: Path, tmp: Path, *extra: st
     ours = probe(trainer.model, cond)
     assert torch.equal(probe(adapter_like(kind, loaded, trainer.model), cond), ours)
     assert torch.equal(probe(load_policy(tmp / "run", ema=False).model, cond), ours)
+
+
+def check_lora_off_is_base(parts, cond, x: torch.Tensor, guidances=(1.0,)) -> set[str]:
+    """Add a LoRA to ``parts.transformer`` (its B drawn non-zero, so the adapter matters): with it
+    switched off every guidance's velocity is the base's bitwise, with it on it differs.
+    Returns the names of the adapted modules."""
+    from mixgrpo.models.lora import adapters_disabled, add_lora
+
+    t = torch.full((len(x),), 0.6)
+    with torch.no_grad():
+        base = {g: parts.model.velocity(x, t, cond, g) for g in guidances}
+        add_lora(parts.transformer, 4, 8, parts.lora_targets)
+        for name, p in parts.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # peft starts B at 0
+        for g in guidances:
+            with adapters_disabled(parts.transformer):
+                assert torch.equal(parts.model.velocity(x, t, cond, g), base[g])
+            assert (parts.model.velocity(x, t, cond, g) - base[g]).abs().max() > 1e-4
+    return {n.split(".lora_")[0] for n, _ in parts.transformer.named_parameters() if "lora_" in n}
