@@ -52,7 +52,8 @@ from ..world.grammar import BACKGROUND, COLOURS, SHAPES, CountSpec, PromptError,
 from ..world.render import shape_template
 from .base import check_images, register_reward
 
-__all__ = ["CompositionReward", "Detection", "PromptSpecs", "Verdict", "detect_objects", "relation_holds", "score_spec"]
+__all__ = ["CompositionReward", "Detection", "PromptSpecs", "Verdict", "cleanliness", "detect_objects", "relation_holds",
+           "score_spec"]
 
 _PALETTE = np.array([BACKGROUND, *COLOURS.values()], dtype=np.float32)  # (7, 3), row 0 = background
 _COLOUR_NAMES = list(COLOURS)
@@ -164,8 +165,12 @@ def score_spec(spec: Spec, verdict: Verdict, *, margin: float, free: float, budg
         exact = len(objects) == 2 and len(found_a) == len(found_b) == 1 and relation_holds(
             spec.relation, (found_a[0].cx, found_a[0].cy), (found_b[0].cx, found_b[0].cy), margin)
         credit = 0.2 * bool(found_a) + 0.2 * bool(found_b) + 0.6 * exact
-    clean = min(1.0, max(0.0, 1.0 - (verdict.unexplained - free) / budget))
-    return credit * clean
+    return credit * cleanliness(verdict, free, budget)
+
+
+def cleanliness(verdict: Verdict, free: float, budget: float) -> float:
+    """``clip(1 - (u - free) / budget, 0, 1)`` for ``u`` unexplained foreground pixels."""
+    return min(1.0, max(0.0, 1.0 - (verdict.unexplained - free) / budget))
 
 
 class PromptSpecs:

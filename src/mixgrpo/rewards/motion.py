@@ -25,7 +25,7 @@ import torch
 from ..world.grammar import PromptError
 from ..world.motion import DIRECTIONS, MotionSpec, parse_motion_prompt
 from .base import check_videos, register_reward
-from .composition import CompositionReward, Verdict
+from .composition import CompositionReward, Verdict, cleanliness
 
 __all__ = ["MotionCompositionReward", "motion_credit"]
 
@@ -89,6 +89,6 @@ class MotionCompositionReward:
             if spec is None:
                 scores.append(0.0)
                 continue
-            clean = sum(min(1.0, max(0.0, 1.0 - (v.unexplained - free) / budget)) for v in clip) / f
+            clean = sum(cleanliness(v, free, budget) for v in clip) / f
             scores.append(motion_credit(spec, clip, self.min_step * unit**0.5) * clean)
         return torch.tensor(scores, dtype=torch.float32)
