@@ -38,7 +38,9 @@ def _command_line(command: str, **params) -> str:
     return " ".join(parts)
 
 
-_UNET_WIDTHS = {"tiny-unet": "32,64,128", "tiny-video-unet": "16,32,64"}  # each U-Net's default channels per level
+# each U-Net's default channels per level
+_UNET_WIDTHS = {"tiny-unet": "32,64,128", "tiny-video-unet": "16,32,64", "tiny-vp-unet": "32,64,128"}
+_PREDICTIONS = {"eps": "epsilon", "v": "v_prediction"}  # --parameterization -> a tiny-vp-unet's prediction type
 
 
 @app.command()
@@ -58,6 +60,7 @@ def pretrain(
     heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
     image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 32,
     frames: Annotated[int, typer.Option(help="tiny-video-unet: frames per clip.")] = 5,
+    parameterization: Annotated[str, typer.Option(help="flow (rectified flow, the shipped base) or eps / v: the U-Net as an SD-style diffusion model predicting epsilon or v (tiny-vp-unet).")] = "flow",
     init: Annotated[str | None, typer.Option(help="Start from a model folder's weights where names and shapes match ('base': the shipped image base; a tiny-video-unet with --widths 32,64,128 then starts as it on every frame).")] = None,
     prompts: Annotated[str, typer.Option(help="all (every prompt of the world, the shipped base) or train (held-out pairs never seen).")] = "all",
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (about 2x faster on CPU).")] = True,
@@ -67,7 +70,15 @@ def pretrain(
     from .pretrain import PretrainConfig, check_init
     from .pretrain import pretrain as run_pretrain
 
-    architecture = architecture or ("tiny-video-unet" if world == "motion" else "tiny-unet")
+    if parameterization not in ("flow", *_PREDICTIONS):
+        _fail(f"pretrain: --parameterization must be flow, eps or v, got {parameterization!r}")
+    if parameterization != "flow" and (world != "image" or architecture not in (None, "tiny-vp-unet")):
+        _fail(f"pretrain: --parameterization {parameterization} trains the image world's tiny-vp-unet; drop "
+              "--architecture and --world")
+    if parameterization == "flow" and architecture == "tiny-vp-unet":
+        _fail("pretrain: tiny-vp-unet is a diffusion model; add --parameterization eps (or v)")
+    default = "tiny-video-unet" if world == "motion" else "tiny-unet" if parameterization == "flow" else "tiny-vp-unet"
+    architecture = architecture or default
     unet = architecture in _UNET_WIDTHS
     widths = (widths or _UNET_WIDTHS[architecture]) if unet else None
     try:
@@ -77,6 +88,8 @@ def pretrain(
             model = {"widths": [int(w) for w in widths.split(",")], "heads": heads, "image_size": image_size}
             if architecture == "tiny-video-unet":
                 model["frames"] = frames
+            if architecture == "tiny-vp-unet":
+                model["prediction_type"] = _PREDICTIONS[parameterization]
         else:
             model = {"width": width, "depth": depth, "heads": heads, "image_size": image_size}
         cfg = PretrainConfig(steps=steps, minutes=minutes, batch_size=batch_size, lr=lr, warmup=warmup, ema=ema, seed=seed, init=init,
@@ -88,7 +101,8 @@ def pretrain(
                             warmup=warmup, ema=ema, world=world, architecture=architecture, widths=widths,
                             width=width if architecture == "tiny-dit" else None,
                             depth=depth if architecture == "tiny-dit" else None, heads=heads, image_size=image_size,
-                            frames=frames if architecture == "tiny-video-unet" else None, init=init, prompts=prompts,
+                            frames=frames if architecture == "tiny-video-unet" else None,
+                            parameterization=None if parameterization == "flow" else parameterization, init=init, prompts=prompts,
                             seed=seed)
     with Progress(TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                   TimeElapsedColumn(), console=console) as progress:

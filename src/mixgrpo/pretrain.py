@@ -1,4 +1,4 @@
-"""Rectified-flow pretraining of the embedded model on the procedural world (``mixgrpo pretrain``).
+"""Pretraining of the embedded model on the procedural world (``mixgrpo pretrain``).
 
 Loss (rectified flow / conditional flow matching): with ``x0`` a render scaled to
 ``[-1, 1]``, ``eps ~ N(0, I)``, ``t ~ sigmoid(N(0, 1))`` (SD3's logit-normal),
@@ -20,6 +20,11 @@ drawn uniformly (one prompt form), clips ``(B, C, F, H, W)`` and the same loss o
 frame. The image world's run is unchanged, bitwise. ``init`` starts from another model's
 weights where names and shapes match: a ``tiny-video-unet`` of the image base's widths starts
 as the shipped base on every frame, so only the motion (and the new prompt form) is learnt.
+
+``architecture="tiny-vp-unet"`` (``--parameterization eps`` or ``v``) trains the same U-Net as a
+VP diffusion model (:mod:`~mixgrpo.models.tiny_vp`) on the DDPM loss instead:
+``k ~ U{0..999}``, ``x_k = a_k x0 + s_k eps``, ``L = E || eps_theta(x_k, k, c) - eps ||^2`` (v:
+target ``a_k eps - s_k x0``).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from .models.checkpoint import (
     save_embedded,
 )
 from .models.tiny_dit import TextCondition
+from .models.tiny_vp import TinyVPUNet
 from .text import cached_embeddings
 from .viz import save_curve, save_image_grid
 from .world import get_world, sample_clips, sample_pairs
@@ -67,7 +73,7 @@ class PretrainConfig:
     seed: int = 0
     log_every: int = 25
     save_every: int = 500  # write the EMA checkpoint this often, so a killed run keeps its progress
-    architecture: str = "tiny-unet"  # tiny-unet (the shipped base) | tiny-dit (the first round's) | tiny-video-unet (motion)
+    architecture: str = "tiny-unet"  # tiny-unet (the shipped base) | tiny-dit (the first round's) | tiny-video-unet (motion) | tiny-vp-unet (eps / v)
     model: dict = field(default_factory=dict)  # the architecture's config fields; {} = its defaults
     prompts: str = "all"  # all: every grammar prompt (the shipped base) | train: held-out pairs never seen
     bf16: bool = True  # bf16 autocast: ~2x faster on CPU; the weights and the EMA stay fp32
@@ -159,13 +165,10 @@ def pretrain(
                 torch.where(drop[:, None], null.mask, cond.mask),
                 torch.where(drop[:, None], null.pooled, cond.pooled),
             )
-        t = torch.sigmoid(torch.randn(cfg.batch_size, generator=gen))
-        eps = torch.randn(x0.shape, generator=gen)
-        t_b = t.view(-1, *[1] * (x0.ndim - 1))  # broadcast over (C, H, W) or (C, F, H, W)
-        x_t = (1 - t_b) * x0 + t_b * eps
+        net, x_t, t, target = _noised(model, x0, gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            v = model(x_t, t, cond)  # (B, 3, H, W) or (B, 3, F, H, W)
-        loss = (v.float() - (eps - x0)).pow(2).mean()
+            pred = net(x_t, t, cond)  # (B, 3, H, W) or (B, 3, F, H, W)
+        loss = (pred.float() - target).pow(2).mean()
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
@@ -196,6 +199,27 @@ def pretrain(
     images = generate(ema, condition(embeddings, data.preview), seed=cfg.seed)
     save_image_grid(out / "samples.png", images, data.preview, columns=8)  # videos: one frame strip per row
     return out
+
+
+def _noised(model: torch.nn.Module, x0: torch.Tensor, gen: torch.Generator
+            ) -> tuple[Callable[..., torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training example per image: ``(network, x_t, time, target)`` with ``network(x_t, time, cond)``
+    regressed on ``target``. Flow: ``t ~ sigmoid(N(0, 1))``, ``x_t = (1 - t) x0 + t eps``, target
+    ``eps - x0``. VP (``tiny-vp-unet``, DDPM): ``k ~ U{0..N-1}``, ``x_k = a_k x0 + s_k eps``, target
+    ``eps`` (or ``v = a_k eps - s_k x0``)."""
+    b, expand = len(x0), (-1, *[1] * (x0.ndim - 1))  # broadcast over (C, H, W) or (C, F, H, W)
+    if not isinstance(model, TinyVPUNet):
+        t = torch.sigmoid(torch.randn(b, generator=gen))
+        eps = torch.randn(x0.shape, generator=gen)
+        t_b = t.view(expand)
+        return model, (1 - t_b) * x0 + t_b * eps, t, eps - x0
+    schedule = model.schedule
+    k = torch.randint(0, len(schedule.alphas_cumprod), (b,), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    a_sq = schedule.alphas_cumprod[k].float().view(expand)
+    a, s = a_sq.sqrt(), (1 - a_sq).sqrt()
+    target = eps if schedule.prediction_type == "epsilon" else a * eps - s * x0
+    return model.prediction, a * x0 + s * eps, k, target
 
 
 def check_init(cfg: PretrainConfig) -> None:

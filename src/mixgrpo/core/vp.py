@@ -23,12 +23,16 @@ Inverses on the VP curve ``a^2 + s^2 = 1``: ``c = 1 / sqrt((1 - tau)^2 + tau^2)`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 __all__ = [
     "PREDICTION_TYPES",
     "TIMESTEP_SPACINGS",
+    "VPSchedule",
     "flow_time",
+    "scaled_linear_alphas_cumprod",
     "timestep_from_flow_time",
     "velocity_from_prediction",
     "vp_coefficients",
@@ -116,3 +120,55 @@ def velocity_from_prediction(y: torch.Tensor, tau: torch.Tensor | float, output:
     else:
         raise ValueError(f"unknown prediction type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}")
     return eps - x0
+
+
+def scaled_linear_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
+                                 beta_end: float = 0.012) -> torch.Tensor:
+    """``(N,)`` float64 of the float32 ``alphas_cumprod`` of Stable Diffusion's "scaled_linear"
+    betas (``beta_k = linspace(sqrt(beta_start), sqrt(beta_end), N)_k ** 2``), computed as diffusers'
+    schedulers compute it (float32), so the two tables are equal."""
+    if num_train_timesteps < 2 or not 0 < beta_start < beta_end < 1:
+        raise ValueError(f"need num_train_timesteps >= 2 and 0 < beta_start < beta_end < 1, got {num_train_timesteps}, "
+                         f"{beta_start}, {beta_end}")
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).double()
+
+
+@dataclass(frozen=True, eq=False)
+class VPSchedule:
+    """What sampling needs of a VP scheduler: ``alphas_cumprod`` ``(N,)`` (float64 of the
+    scheduler's float32 table), the prediction type and how DDIM picks its timesteps."""
+
+    alphas_cumprod: torch.Tensor
+    prediction_type: str = "epsilon"
+    spacing: str = "leading"
+    steps_offset: int = 0
+    final_alpha_cumprod: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {self.prediction_type!r} is not supported; use a model predicting "
+                             f"{' or '.join(PREDICTION_TYPES)}")
+        if self.spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"timestep_spacing {self.spacing!r} is not supported; use {' or '.join(TIMESTEP_SPACINGS)}")
+        object.__setattr__(self, "alphas_cumprod", torch.as_tensor(self.alphas_cumprod, dtype=torch.float64))
+        object.__setattr__(self, "_table", flow_time(self.alphas_cumprod))  # increasing with the timestep
+
+    @property
+    def end_time(self) -> float:
+        """The flow time every grid ends at: the final alpha's."""
+        return float(flow_time(torch.tensor([self.final_alpha_cumprod]))[0])
+
+    def grid(self, num_steps: int) -> torch.Tensor:
+        """``(num_steps + 1,)`` float64 flow times of DDIM's ``num_steps`` timesteps (noisiest first)."""
+        steps = vp_timesteps(len(self.alphas_cumprod), num_steps, self.spacing, self.steps_offset)
+        return vp_grid(self.alphas_cumprod, steps, self.final_alpha_cumprod)
+
+    def timesteps(self, tau: torch.Tensor) -> torch.Tensor:
+        """float32 (fractional) training timesteps of flow times ``tau`` ``(B,)``; a time equal
+        to a table entry at ``tau``'s precision gives that entry's integer timestep back."""
+        table = self._table.to(tau.device)
+        steps = timestep_from_flow_time(tau.double(), self.alphas_cumprod.to(tau.device))
+        nearest = steps.round().clamp(0, len(table) - 1)
+        on_table = table[nearest.long()].to(tau.dtype) == tau
+        return torch.where(on_table, nearest, steps).float()

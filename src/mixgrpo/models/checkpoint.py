@@ -18,17 +18,20 @@ from torch import nn
 from .tiny_dit import TinyDiT, TinyDiTConfig
 from .tiny_unet import TinyUNet, TinyUNetConfig
 from .tiny_video import TinyVideoUNet, TinyVideoUNetConfig
+from .tiny_vp import TinyVPUNet, TinyVPUNetConfig
 
 __all__ = ["ARCHITECTURES", "BASE_CHECKPOINT", "CONFIG", "WEIGHTS", "EmbeddedModel", "build_embedded", "load_embedded",
            "read_config", "save_embedded"]
 
-EmbeddedModel = TinyDiT | TinyUNet | TinyVideoUNet
+EmbeddedModel = TinyDiT | TinyUNet | TinyVideoUNet | TinyVPUNet
 # config.json's model_type -> (config class, model class); the shipped base is a tiny-unet,
-# tiny-video-unet the moving-shapes world's video model
+# tiny-video-unet the moving-shapes world's video model, tiny-vp-unet the base as an
+# epsilon/v-prediction diffusion model
 ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     "tiny-dit": (TinyDiTConfig, TinyDiT),
     "tiny-unet": (TinyUNetConfig, TinyUNet),
     "tiny-video-unet": (TinyVideoUNetConfig, TinyVideoUNet),
+    "tiny-vp-unet": (TinyVPUNetConfig, TinyVPUNet),
 }
 
 WEIGHTS = "model.safetensors"

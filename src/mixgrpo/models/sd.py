@@ -45,12 +45,9 @@ from torch import nn
 from ..core.vp import (
     PREDICTION_TYPES,
     TIMESTEP_SPACINGS,
-    flow_time,
-    timestep_from_flow_time,
+    VPSchedule,
     velocity_from_prediction,
     vp_coefficients,
-    vp_grid,
-    vp_timesteps,
 )
 from .diffusers_io import load_transformer
 from .flux import LatentSpec
@@ -59,46 +56,6 @@ __all__ = ["SD_LORA_TARGETS", "SDCondition", "SDVelocityModel", "VPSchedule", "l
 
 # the attention projections of the UNet's transformer blocks (self- and cross-attention)
 SD_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-@dataclass(frozen=True, eq=False)
-class VPSchedule:
-    """What sampling needs of a VP scheduler: ``alphas_cumprod`` ``(N,)`` (float64 of the
-    scheduler's float32 table), the prediction type and how DDIM picks its timesteps."""
-
-    alphas_cumprod: torch.Tensor
-    prediction_type: str = "epsilon"
-    spacing: str = "leading"
-    steps_offset: int = 0
-    final_alpha_cumprod: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type {self.prediction_type!r} is not supported; use a model predicting "
-                             f"{' or '.join(PREDICTION_TYPES)}")
-        if self.spacing not in TIMESTEP_SPACINGS:
-            raise ValueError(f"timestep_spacing {self.spacing!r} is not supported; use {' or '.join(TIMESTEP_SPACINGS)}")
-        object.__setattr__(self, "alphas_cumprod", torch.as_tensor(self.alphas_cumprod, dtype=torch.float64))
-        object.__setattr__(self, "_table", flow_time(self.alphas_cumprod))  # increasing with the timestep
-
-    @property
-    def end_time(self) -> float:
-        """The flow time every grid ends at: the final alpha's."""
-        return float(flow_time(torch.tensor([self.final_alpha_cumprod]))[0])
-
-    def grid(self, num_steps: int) -> torch.Tensor:
-        """``(num_steps + 1,)`` float64 flow times of DDIM's ``num_steps`` timesteps (noisiest first)."""
-        steps = vp_timesteps(len(self.alphas_cumprod), num_steps, self.spacing, self.steps_offset)
-        return vp_grid(self.alphas_cumprod, steps, self.final_alpha_cumprod)
-
-    def timesteps(self, tau: torch.Tensor) -> torch.Tensor:
-        """float32 (fractional) training timesteps of flow times ``tau`` ``(B,)``; a time equal
-        to a table entry at ``tau``'s precision gives that entry's integer timestep back."""
-        table = self._table.to(tau.device)
-        steps = timestep_from_flow_time(tau.double(), self.alphas_cumprod.to(tau.device))
-        nearest = steps.round().clamp(0, len(table) - 1)
-        on_table = table[nearest.long()].to(tau.dtype) == tau
-        return torch.where(on_table, nearest, steps).float()
 
 
 def load_vp_schedule(pipeline_dir: str | Path) -> VPSchedule:

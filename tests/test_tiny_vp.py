@@ -1,0 +1,168 @@
+"""The embedded U-Net as an epsilon / v-prediction diffusion model (``tiny-vp-unet``):
+its schedule and sampling against diffusers' ``DDIMScheduler``, ``mixgrpo pretrain
+--parameterization eps|v``, GRPO on it (LoRA only moves the adapter), and the one-line refusals.
+Tiny sizes: widths 8/16/32, 32 px."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mixgrpo.cli import app
+from mixgrpo.core.vp import scaled_linear_alphas_cumprod, vp_coefficients
+from mixgrpo.inference.generate import generate
+from mixgrpo.models.checkpoint import build_embedded, load_embedded, save_embedded
+from mixgrpo.models.tiny_dit import TextCondition
+from mixgrpo.models.tiny_vp import TinyVPUNet, TinyVPUNetConfig
+from mixgrpo.train.trainer import GRPOTrainer
+from tiny_runs import tiny_config
+
+diffusers = pytest.importorskip("diffusers")
+
+SMALL = {"widths": [8, 16, 32], "heads": 2}
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+runner = CliRunner()
+
+
+def _cond(batch: int, seed: int = 0) -> TextCondition:
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(batch, 16, dtype=torch.bool)
+    mask[:, :6] = True
+    return TextCondition(torch.randn(batch, 16, 384, generator=gen), mask, torch.randn(batch, 384, generator=gen))
+
+
+def _randomized(prediction_type: str = "epsilon", seed: int = 0) -> TinyVPUNet:
+    torch.manual_seed(seed)
+    model = build_embedded("tiny-vp-unet", {**SMALL, "prediction_type": prediction_type})
+    with torch.no_grad():  # leave the zero-init, so every unit acts
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_schedule_is_stable_diffusions():
+    from diffusers import DDIMScheduler
+
+    ours = scaled_linear_alphas_cumprod()
+    theirs = DDIMScheduler(**SD).alphas_cumprod.double()
+    assert torch.equal(ours, theirs)
+    with pytest.raises(ValueError, match="0 < beta_start < beta_end < 1"):
+        scaled_linear_alphas_cumprod(1000, 0.02, 0.01)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_sampling_is_ddim_on_the_models_own_prediction(prediction_type, guidance):
+    """Our Euler sampler on the model's grid = diffusers' DDIM (eta 0, SD1.5's leading spacing
+    with steps_offset 1, set_alpha_to_one) run on ``model.prediction`` from the same ``x_T``."""
+    from diffusers import DDIMScheduler
+
+    model, cond, steps = _randomized(prediction_type), _cond(3), 10
+    ours = generate(model, cond, steps=steps, guidance=guidance, seed=5, decode=lambda x: x)
+    scheduler = DDIMScheduler(**SD, prediction_type=prediction_type, steps_offset=1, set_alpha_to_one=True,
+                              clip_sample=False)
+    scheduler.set_timesteps(steps)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))  # generate's noise for seed 5
+    null = model.null_condition(3)
+    with torch.no_grad():
+        for k in scheduler.timesteps:
+            ks = torch.full((3,), int(k))
+            out = model.prediction(x, ks, cond)
+            if guidance != 1.0:
+                uncond = model.prediction(x, ks, null)
+                out = uncond + guidance * (out - uncond)
+            x = scheduler.step(out, k, x, eta=0.0).prev_sample
+    assert x.abs().max() > 0.3  # a real image-scale sample, not a collapsed one
+    torch.testing.assert_close(ours, x, atol=2e-5 * guidance, rtol=0)  # CFG scales the float32 rounding too
+
+
+def test_velocity_is_the_predictions_flow_velocity():
+    """``forward(y, tau)`` is ``eps_hat - x0_hat`` of ``prediction(c y, k)`` at a grid time."""
+    model, cond = _randomized(), _cond(2)
+    k = torch.tensor([961, 41])
+    tau = model.time_grid(25)[torch.tensor([0, 23])].float()
+    a, s, c = (v.float().view(-1, 1, 1, 1) for v in vp_coefficients(tau.double()))
+    y = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        eps = model.prediction(c * y, k, cond)
+        v = model(y, tau, cond)
+    torch.testing.assert_close(v, eps - (c * y - s * eps) / a, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("flag", "prediction_type"), [
+    ("eps", "epsilon"), pytest.param("v", "v_prediction", marks=pytest.mark.slow)])  # ~10 s each
+def test_pretrain_cli_writes_a_vp_model_and_lowers_its_loss(tmp_path, flag, prediction_type):
+    out = tmp_path / "base"
+    result = runner.invoke(app, ["pretrain", "--parameterization", flag, "--out", str(out), "--steps", "30",
+                                 "--batch-size", "16", "--widths", "16,32", "--heads", "2", "--lr", "2e-3",
+                                 "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "tiny-vp-unet" and config["model"]["prediction_type"] == prediction_type
+    assert f"--architecture tiny-vp-unet --widths 16,32 --heads 2 --image-size 32 --parameterization {flag}" in \
+        config["command"]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    model = load_embedded(out)
+    assert isinstance(model, TinyVPUNet) and model.schedule.prediction_type == prediction_type
+
+
+def test_pretrain_noises_as_ddpm():
+    """The VP training pair: ``x_k = a_k x0 + s_k eps`` at uniform integer ``k``, target ``eps``
+    (v: ``a_k eps - s_k x0``), regressed by ``prediction``; the flow model's pair is unchanged."""
+    from mixgrpo.pretrain import _noised
+
+    x0 = torch.rand(4, 3, 32, 32) * 2 - 1
+    for prediction_type in ("epsilon", "v_prediction"):
+        model = _randomized(prediction_type)
+        net, x_k, k, target = _noised(model, x0, torch.Generator().manual_seed(1))
+        gen = torch.Generator().manual_seed(1)
+        k_ref = torch.randint(0, 1000, (4,), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        ab = scaled_linear_alphas_cumprod()[k_ref].float().view(-1, 1, 1, 1)
+        a, s = ab.sqrt(), (1 - ab).sqrt()
+        assert net == model.prediction and torch.equal(k, k_ref)
+        torch.testing.assert_close(x_k, a * x0 + s * eps)
+        torch.testing.assert_close(target, eps if prediction_type == "epsilon" else a * eps - s * x0)
+    flow = build_embedded("tiny-unet", SMALL)
+    net, x_t, t, target = _noised(flow, x0, torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    t_ref = torch.sigmoid(torch.randn(4, generator=gen))
+    eps = torch.randn(x0.shape, generator=gen)
+    assert net is flow and torch.equal(t, t_ref) and torch.equal(target, eps - x0)
+    torch.testing.assert_close(x_t, (1 - t_ref.view(-1, 1, 1, 1)) * x0 + t_ref.view(-1, 1, 1, 1) * eps)
+
+
+@pytest.mark.parametrize("preset", ["mixgrpo", pytest.param("mixgrpo-flash", marks=pytest.mark.slow)])
+def test_lora_grpo_on_the_vp_model_moves_only_the_adapter(tmp_path, preset):
+    checkpoint = str(save_embedded(_randomized(), tmp_path / "vp"))
+    trainer = GRPOTrainer(tiny_config(checkpoint, preset, "model.lora_rank=4", "sampler.num_steps=10"))
+    assert trainer.grid[0] < 1 and float(trainer.grid[-1]) == 0.0  # the model's DDIM grid, not the flow's
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    for iteration in range(2):
+        trainer.step(iteration)
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed and all("lora_" in n for n in changed)
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (["--parameterization", "x0"], "--parameterization must be flow, eps or v, got 'x0'"),
+    (["--parameterization", "eps", "--world", "motion"], "trains the image world's tiny-vp-unet"),
+    (["--parameterization", "eps", "--architecture", "tiny-dit"], "trains the image world's tiny-vp-unet"),
+    (["--architecture", "tiny-vp-unet"], "add --parameterization eps (or v)"),
+])
+def test_pretrain_bad_parameterization_flags_fail_with_one_line(tmp_path, args, match):
+    result = runner.invoke(app, ["pretrain", "--out", str(tmp_path / "x"), *args])
+    assert result.exit_code == 2, result.output
+    assert match in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_config_refuses_bad_schedules():
+    with pytest.raises(ValueError, match="prediction_type must be one of epsilon, v_prediction"):
+        TinyVPUNetConfig(prediction_type="sample")
+    with pytest.raises(ValueError, match="steps_offset must be in"):
+        TinyVPUNetConfig(steps_offset=1000)
