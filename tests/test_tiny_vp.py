@@ -53,11 +53,10 @@ def test_schedule_is_stable_diffusions():
         scaled_linear_alphas_cumprod(1000, 0.02, 0.01)
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_sampling_is_ddim_on_the_models_own_prediction(prediction_type, guidance):
-    """Our Euler sampler on the model's grid = diffusers' DDIM (eta 0, SD1.5's leading spacing
-    with steps_offset 1, set_alpha_to_one) run on ``model.prediction`` from the same ``x_T``."""
+def tiny_vp_vs_ddim(prediction_type: str, guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ours, diffusers') samples: our Euler sampler on the model's grid and diffusers' DDIM (eta 0,
+    SD1.5's leading spacing with steps_offset 1, set_alpha_to_one) run on ``model.prediction``
+    (CFG on the prediction) from the same ``x_T``."""
     from diffusers import DDIMScheduler
 
     model, cond, steps = _randomized(prediction_type), _cond(3), 10
@@ -75,8 +74,15 @@ def test_sampling_is_ddim_on_the_models_own_prediction(prediction_type, guidance
                 uncond = model.prediction(x, ks, null)
                 out = uncond + guidance * (out - uncond)
             x = scheduler.step(out, k, x, eta=0.0).prev_sample
-    assert x.abs().max() > 0.3  # a real image-scale sample, not a collapsed one
-    torch.testing.assert_close(ours, x, atol=2e-5 * guidance, rtol=0)  # CFG scales the float32 rounding too
+    return ours, x
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_sampling_is_ddim_on_the_models_own_prediction(prediction_type, guidance):
+    ours, theirs = tiny_vp_vs_ddim(prediction_type, guidance)
+    assert theirs.abs().max() > 0.3  # a real image-scale sample, not a collapsed one
+    torch.testing.assert_close(ours, theirs, atol=2e-5 * guidance, rtol=0)  # CFG scales the float32 rounding too
 
 
 def test_velocity_is_the_predictions_flow_velocity():

@@ -66,11 +66,9 @@ def test_flow_time_maps_back_to_its_timestep():
     torch.testing.assert_close(a * c ** -1 + s * c ** -1, torch.ones_like(a), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize(("spacing", "offset", "alpha_one"), [("leading", 1, False), ("trailing", 0, True)])
-def test_euler_on_the_flow_path_is_ddim(prediction_type, spacing, offset, alpha_one):
-    """Our Euler sampler on the VP grid in ``y = x / c`` ends where diffusers' DDIM (eta 0)
-    ends, for either prediction type and either final alphabar."""
+def euler_vs_ddim(prediction_type: str, spacing: str, offset: int, alpha_one: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ours, diffusers') final samples: our Euler sampler on the VP grid in ``y = x / c`` and
+    ``DDIMScheduler`` (eta 0) from the same ``x_T``."""
     model = TinyVelocity(seed=4)
     scheduler = _ddim(prediction_type, spacing, offset, alpha_one)
     scheduler.set_timesteps(12 if spacing == "leading" else 10)
@@ -86,11 +84,20 @@ def test_euler_on_the_flow_path_is_ddim(prediction_type, spacing, offset, alpha_
     _, _, c_end = vp_coefficients(grid[-1])
     with torch.no_grad():
         y = sample(_as_flow(model, ab, prediction_type), x.double() / c0, mixed_plan(grid, [], "euler")).x0
-    torch.testing.assert_close((c_end * y).float(), theirs, rtol=1e-6, atol=1e-5)  # float32 rounding: up to rel 2.8e-7
+    return (c_end * y).float(), theirs
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_dpm_solver_on_the_flow_path_is_diffusers_dpm_solver(prediction_type):
+@pytest.mark.parametrize(("spacing", "offset", "alpha_one"), [("leading", 1, False), ("trailing", 0, True)])
+def test_euler_on_the_flow_path_is_ddim(prediction_type, spacing, offset, alpha_one):
+    """Euler on ``y`` ends where DDIM (eta 0) ends, for either prediction type and final alphabar."""
+    ours, theirs = euler_vs_ddim(prediction_type, spacing, offset, alpha_one)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-5)  # float32 rounding: up to rel 2.8e-7
+
+
+def dpm_vs_diffusers(prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ours, diffusers') final samples: our ``dpm2`` on the VP grid and
+    ``DPMSolverMultistepScheduler`` (DPM-Solver++ 2M, trailing, final sigma 0)."""
     from diffusers import DPMSolverMultistepScheduler
 
     model = TinyVelocity(seed=5)
@@ -109,7 +116,13 @@ def test_dpm_solver_on_the_flow_path_is_diffusers_dpm_solver(prediction_type):
     _, _, c0 = vp_coefficients(grid[0])
     with torch.no_grad():
         y = sample(_as_flow(model, ab, prediction_type), x.double() / c0, mixed_plan(grid, [], "dpm2")).x0
-    torch.testing.assert_close(y.float(), theirs, rtol=1e-6, atol=1e-5)  # float32 rounding: 3.8e-5 at rel 4.5e-7
+    return y.float(), theirs
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_dpm_solver_on_the_flow_path_is_diffusers_dpm_solver(prediction_type):
+    ours, theirs = dpm_vs_diffusers(prediction_type)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-5)  # float32 rounding: 3.8e-5 at rel 4.5e-7
 
 
 def _ddpo_ddim_step_with_logprob(alphas_cumprod, final_alpha_cumprod, model_output, timestep, prev_timestep, sample_,
@@ -133,12 +146,10 @@ def _ddpo_ddim_step_with_logprob(alphas_cumprod, final_alpha_cumprod, model_outp
     return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 
-@pytest.mark.parametrize("eta", [1.0, 0.3])
-@pytest.mark.parametrize("index", [0, 4, 9])
-def test_ddim_eta_step_and_density_are_ddpos(eta, index):
-    """The ``ddim`` SDE kind draws DDPO's DDIM-eta sample (same standard noise, x = c y) and
-    its log-density in ``y`` is DDPO's in ``x`` plus ``log c'`` per dimension (the Jacobian of
-    ``x = c' y``), so ratios are equal; diffusers' ``DDIMScheduler.step`` agrees too."""
+def ddim_eta_vs_ddpo(eta: float, index: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(ours, theirs) of one DDIM-eta step at grid ``index`` (10 leading steps), from the same
+    ``x``, model output and noise: the sample and log-density against DDPO's transcription, the
+    sample against ``DDIMScheduler.step`` (float32)."""
     scheduler = _ddim("epsilon", "leading", 1, False)
     scheduler.set_timesteps(10)
     ab = scheduler.alphas_cumprod.double()
@@ -154,8 +165,19 @@ def test_ddim_eta_step_and_density_are_ddpos(eta, index):
     _, _, c_n = vp_coefficients(tau_n)
     v = velocity_from_prediction(x / c, tau, eps_out, "epsilon")
     step = sde_step(x / c, v, tau, tau_n, SDENoise("ddim", eta), eps=z)
-    torch.testing.assert_close(c_n * step.x_next, ref_x, rtol=1e-10, atol=1e-10)
     ours_lp = gaussian_log_prob(step.x_next, step.mean, step.std, "mean")
-    torch.testing.assert_close(ours_lp - math.log(c_n), ref_lp, rtol=1e-10, atol=1e-10)
     theirs = scheduler.step(eps_out.float(), t, x.float(), eta=eta, variance_noise=z.float(), return_dict=False)[0]
-    torch.testing.assert_close((c_n * step.x_next).float(), theirs, rtol=0, atol=2e-5)
+    return {"ddpo sample": (c_n * step.x_next, ref_x), "ddpo log-prob": (ours_lp - math.log(c_n), ref_lp),
+            "diffusers sample": ((c_n * step.x_next).float(), theirs)}
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.3])
+@pytest.mark.parametrize("index", [0, 4, 9])
+def test_ddim_eta_step_and_density_are_ddpos(eta, index):
+    """The ``ddim`` SDE kind draws DDPO's DDIM-eta sample (same standard noise, x = c y) and
+    its log-density in ``y`` is DDPO's in ``x`` plus ``log c'`` per dimension (the Jacobian of
+    ``x = c' y``), so ratios are equal; diffusers' ``DDIMScheduler.step`` agrees too."""
+    pairs = ddim_eta_vs_ddpo(eta, index)
+    torch.testing.assert_close(*pairs["ddpo sample"], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(*pairs["ddpo log-prob"], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(*pairs["diffusers sample"], rtol=0, atol=2e-5)
