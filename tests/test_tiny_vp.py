@@ -17,6 +17,7 @@ from mixgrpo.inference.generate import generate
 from mixgrpo.models.checkpoint import build_embedded, load_embedded, save_embedded
 from mixgrpo.models.tiny_dit import TextCondition
 from mixgrpo.models.tiny_vp import TinyVPUNet, TinyVPUNetConfig
+from mixgrpo.train.presets import PRESETS
 from mixgrpo.train.trainer import GRPOTrainer
 from tiny_runs import tiny_config
 
@@ -143,15 +144,33 @@ def test_pretrain_noises_as_ddpm():
 
 
 @pytest.mark.parametrize("preset", ["mixgrpo", pytest.param("mixgrpo-flash", marks=pytest.mark.slow)])
-def test_lora_grpo_on_the_vp_model_moves_only_the_adapter(tmp_path, preset):
-    checkpoint = str(save_embedded(_randomized(), tmp_path / "vp"))
-    trainer = GRPOTrainer(tiny_config(checkpoint, preset, "model.lora_rank=4", "sampler.num_steps=10"))
+def test_lora_grpo_on_the_vp_model_moves_only_the_adapter(vp_checkpoint, preset):
+    trainer = GRPOTrainer(tiny_config(vp_checkpoint, preset, "model.lora_rank=4", "sampler.num_steps=10"))
     assert trainer.grid[0] < 1 and float(trainer.grid[-1]) == 0.0  # the model's DDIM grid, not the flow's
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     for iteration in range(2):
         trainer.step(iteration)
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
     assert changed and all("lora_" in n for n in changed)
+
+
+@pytest.fixture(scope="module")
+def vp_checkpoint(tmp_path_factory):
+    return str(save_embedded(_randomized(), tmp_path_factory.mktemp("vp") / "tiny"))
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_trains_the_vp_model(vp_checkpoint, preset):
+    """One iteration of every preset on the epsilon model: its grid, finite rewards and a step
+    that moves the trained weights (LoRA where the preset uses it: AWM, NFT)."""
+    trainer = GRPOTrainer(tiny_config(vp_checkpoint, preset, "sampler.num_steps=10"))
+    torch.testing.assert_close(trainer.grid, trainer.model.time_grid(10))
+    trained = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    row = trainer.step(0)
+    assert row["nonfinite_samples"] == 0 and row["skipped_update"] == 0.0
+    params = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(params[n], before) for n, before in trained.items())
+    assert all(torch.isfinite(params[n]).all() for n in trained)
 
 
 @pytest.mark.parametrize(("args", "match"), [
