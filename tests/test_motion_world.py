@@ -79,8 +79,9 @@ BOUNDS = {
     "reversed": 0.40,  # there, but moving the wrong way: the 0.4 of presence only
     "still": 0.40,  # no motion
     "flickering": 0.25,  # present in 3 of 5 frames: at most 0.4 x 3/5
-    "vanishing": 0.25,  # gone after frame 3
-    "jumping": 0.40,  # still steps fail the per-step motion test
+    # the motion term counts steps: partial motion earns part of its 0.6, never the whole
+    "vanishing": 0.55,  # 3 of 5 frames there (0.24), 2 of 4 steps right (0.3), then gone
+    "jumping": 0.55,  # there throughout (0.4); three still steps fail, the one leap counts (0.15)
     # a 2 px trail (motion blur) is within the image verifier's size and IoU tolerance for
     # squares, mostly not for circles and triangles (measured 0.49): it is not penalised as junk
     "blurred": 0.60,
