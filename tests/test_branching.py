@@ -174,6 +174,16 @@ def test_expand_and_prune_trains_on_the_survivors(tiny_checkpoint):
     assert row["model_passes_per_image"] == pytest.approx(expected)
 
 
+def test_prune_sizes_set_each_prunes_group_size(tiny_checkpoint):
+    """Pro-GRPO's SD setting prunes 48 -> 32 -> 8, off the linear 48 -> 28 -> 8: sizes as listed."""
+    cfg = tiny_config(tiny_checkpoint, "pro-grpo", "group_size=6", "sampler.prune_keep=2", "sampler.prune_offsets=[1,3]",
+                      "sampler.prune_sizes=[5,2]")
+    row = GRPOTrainer(cfg).step(0)
+    # rows: 6 per group for steps 0-1, 5 for 2-3, 2 after; 7 loss and 7 reference passes per survivor
+    expected = (2 * (6 * 2 + 5 * 2 + 2 * 4) + 2 * 2 * 7 * 2) / (2 * 2)
+    assert row["model_passes_per_image"] == pytest.approx(expected)
+
+
 def test_ovf_trains_only_the_max_variance_subset(tiny_checkpoint):
     trainer = GRPOTrainer(tiny_config(tiny_checkpoint, "mixgrpo", "loss.ovf_keep=2"))
     rewards = {"test-train-brightness": torch.tensor([0.1, 0.5, 0.52, 0.9, 0.3, 0.31, 0.32, 0.7])}
@@ -188,6 +198,10 @@ def test_ovf_trains_only_the_max_variance_subset(tiny_checkpoint):
     (["loss.ovf_keep=4"], "loss.ovf_keep must be in"),
     (["group_size=16", "sampler.prune_keep=8", "sampler.prune_offsets=[0]", "loss.ovf_keep=8"], "loss.ovf_keep must be in"),
     (["sampler.prune_keep=8", "sampler.prune_offsets=[0]"], "sampler.prune_keep must be in"),
+    (["group_size=6", "sampler.prune_keep=2", "sampler.prune_offsets=[0,1]", "sampler.prune_sizes=[5,3]"],
+     "sampler.prune_sizes must give one decreasing size per prune"),
+    (["group_size=6", "sampler.prune_keep=2", "sampler.prune_offsets=[0,1]", "sampler.prune_sizes=[6,2]"],
+     "sampler.prune_sizes must start below group_size 6"),
     (["sampler.prune_offsets=[0]"], "needs both sampler.prune_offsets"),
     (["sampler.shared_prefix=true", "sampler.shared_noise=false"], "needs sampler.shared_noise"),
     (["sampler.prune_offsets=[-1]", "sampler.prune_keep=2"], "distinct offsets >= 0"),

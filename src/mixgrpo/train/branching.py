@@ -5,7 +5,7 @@ members; after the model pass of each prune step, score every member by its pred
 sample ``x0_hat = x_t - t v`` and keep the ones whose features are most spread out (OVF in
 feature space, :func:`~mixgrpo.core.ovf.max_spread_subset`); the others stop, so they cost no
 further model passes. Group sizes shrink linearly from ``G_e`` to ``prune_keep`` over the
-prune steps.
+prune steps, or as ``sampler.prune_sizes`` lists them (Pro-GRPO's SD setting: 48 -> 32 -> 8).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def make_pruning(plan: SamplingPlan, sampler: SamplerConfig, expanded: int) -> P
     if steps[-1] > sde[-1]:
         raise ValueError(f"prune step {steps[-1]} (sampler.prune_offsets {sampler.prune_offsets}) falls after the "
                          f"window's last SDE step {sde[-1]}; use offsets <= {sde[-1] - sde[0]}")
-    sizes = dict(zip(steps, prune_sizes(expanded, sampler.prune_keep, len(steps)), strict=True))
+    sizes = dict(zip(steps, sampler.prune_sizes or prune_sizes(expanded, sampler.prune_keep, len(steps)), strict=True))
 
     def select(step: int, x0_hat: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
         groups, features = (alive // expanded).cpu(), spread_features(x0_hat).cpu()  # tiny: choose on the CPU

@@ -112,6 +112,9 @@ class TrainConfig:
         if not 2 <= survivors <= self.group_size - (self.sampler.prune_keep is not None):
             raise ValueError(f"sampler.prune_keep must be in [2, group_size - 1 = {self.group_size - 1}] "
                              f"(group_size is the expanded group), got {survivors}")
+        if self.sampler.prune_sizes and self.sampler.prune_sizes[0] >= self.group_size:
+            raise ValueError(f"sampler.prune_sizes must start below group_size {self.group_size} (the expanded group), got "
+                             f"{self.sampler.prune_sizes}")
         if self.loss.ovf_keep is not None and not 2 <= self.loss.ovf_keep < survivors:
             raise ValueError(f"loss.ovf_keep must be in [2, {survivors - 1}]: k below the (surviving) group of "
                              f"{survivors}, got {self.loss.ovf_keep}")

@@ -5,6 +5,7 @@ cross-section rules live in :class:`~mixgrpo.train.config.TrainConfig`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 
@@ -36,6 +37,9 @@ class SamplerConfig:
     shared_prefix: bool = False  # run the ODE steps before the first SDE step once per group, then branch
     prune_offsets: list[int] = field(default_factory=list)  # Expand-and-Prune: prune after first SDE step + offset
     prune_keep: int | None = None  # members per group left after the last prune (group_size is the expanded size)
+    # group sizes after each prune, in step order, the last = prune_keep (Pro-GRPO's SD setting:
+    # 48 -> [32, 8]); empty: shrink linearly from group_size to prune_keep
+    prune_sizes: list[int] = field(default_factory=list)
     noise_per_group: bool = False  # each group's noise from its own generator: samples independent of batching/sharding
     groups_per_call: int | None = None  # groups per sampler call (None: all); needs noise_per_group
     tree_splits: list[int] = field(default_factory=list)  # BranchGRPO: binary splits at these SDE steps (G = 2^n leaves)
@@ -68,6 +72,10 @@ class SamplerConfig:
             raise ValueError("Expand-and-Prune needs both sampler.prune_offsets (e.g. [0, 2]) and sampler.prune_keep")
         if any(o < 0 for o in self.prune_offsets) or len(set(self.prune_offsets)) != len(self.prune_offsets):
             raise ValueError(f"sampler.prune_offsets must be distinct offsets >= 0 from the first SDE step, got {self.prune_offsets}")
+        if self.prune_sizes and (len(self.prune_sizes) != len(self.prune_offsets) or self.prune_sizes[-1] != self.prune_keep
+                                 or any(a <= b for a, b in pairwise(self.prune_sizes))):
+            raise ValueError(f"sampler.prune_sizes must give one decreasing size per prune ({len(self.prune_offsets)}), the "
+                             f"last equal to sampler.prune_keep ({self.prune_keep}), got {self.prune_sizes}")
         if self.shift != "scheduler" and (isinstance(self.shift, str) or not self.shift > 0):
             raise ValueError(f"sampler.shift must be a number > 0 or 'scheduler' (flux/sd3: read the pipeline's "
                              f"scheduler config), got {self.shift!r}")
