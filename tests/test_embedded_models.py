@@ -11,26 +11,11 @@ import torch
 from mixgrpo.models.checkpoint import BASE_CHECKPOINT, build_embedded, load_embedded, save_embedded
 from mixgrpo.models.tiny_dit import TextCondition, TinyDiTConfig
 from mixgrpo.models.tiny_unet import TinyUNet, TinyUNetConfig
+from tiny_runs import perturbed_embedded, random_condition
 
 SMALL = {"tiny-dit": {"image_size": 16, "patch": 4, "width": 32, "depth": 2, "heads": 2},
          "tiny-unet": {"image_size": 16, "widths": [16, 32], "heads": 2}}
 KINDS = pytest.mark.parametrize("kind", list(SMALL))
-
-
-def _cond(batch: int, seed: int = 0, visible: int = 5) -> TextCondition:
-    gen = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(batch, 16, dtype=torch.bool)
-    mask[:, :visible] = True
-    return TextCondition(torch.randn(batch, 16, 384, generator=gen), mask, torch.randn(batch, 384, generator=gen))
-
-
-def _randomized(kind: str = "tiny-unet", seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build_embedded(kind, SMALL[kind])
-    with torch.no_grad():  # leave the zero-init so outputs depend on every input
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
 
 
 @KINDS
@@ -38,7 +23,7 @@ def test_default_model_is_small_and_starts_at_zero_velocity(kind):
     model = build_embedded(kind, {})
     assert model.num_parameters() * 4 < 20e6  # fp32 safetensors under 20 MB
     x = torch.randn(2, 3, 32, 32)
-    v = model(x, torch.rand(2), _cond(2))
+    v = model(x, torch.rand(2), random_condition(2, visible=5))
     assert v.shape == x.shape and torch.count_nonzero(v) == 0  # zero-initialised output layer
 
 
@@ -50,9 +35,9 @@ def test_the_shipped_base_is_the_unet_and_under_20_mb():
 
 @KINDS
 def test_padded_text_tokens_are_ignored_and_visible_ones_matter(kind):
-    model = _randomized(kind)
+    model = perturbed_embedded(kind, SMALL[kind])
     x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
-    cond = _cond(2)
+    cond = random_condition(2, visible=5)
     base = model(x, t, cond)
     padded = cond.tokens.clone()
     padded[:, 5:] += 10.0
@@ -64,8 +49,8 @@ def test_padded_text_tokens_are_ignored_and_visible_ones_matter(kind):
 
 @KINDS
 def test_guidance_combines_conditional_and_null_branches(kind):
-    model = _randomized(kind)
-    x, t, cond = torch.randn(3, 3, 16, 16), torch.rand(3), _cond(3)
+    model = perturbed_embedded(kind, SMALL[kind])
+    x, t, cond = torch.randn(3, 3, 16, 16), torch.rand(3), random_condition(3, visible=5)
     torch.testing.assert_close(model.velocity(x, t, cond, 1.0), model(x, t, cond))
     v_cond, v_null = model(x, t, cond), model(x, t, model.null_condition(3))
     torch.testing.assert_close(model.velocity(x, t, cond, 4.0), v_null + 4.0 * (v_cond - v_null), rtol=1e-4, atol=1e-5)
@@ -73,17 +58,17 @@ def test_guidance_combines_conditional_and_null_branches(kind):
 
 @KINDS
 def test_checkpoint_roundtrip(kind, tmp_path):
-    model = _randomized(kind)
+    model = perturbed_embedded(kind, SMALL[kind])
     save_embedded(model, tmp_path / "ckpt", {"note": "test"})
     loaded = load_embedded(tmp_path / "ckpt")
-    x, t, cond = torch.randn(2, 3, 16, 16), torch.rand(2), _cond(2)
+    x, t, cond = torch.randn(2, 3, 16, 16), torch.rand(2), random_condition(2, visible=5)
     torch.testing.assert_close(loaded(x, t, cond), model(x, t, cond))
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["note"] == "test"
 
 
 @KINDS
 def test_bad_checkpoints_raise_errors_naming_the_file(kind, tmp_path):
-    save_embedded(_randomized(kind), tmp_path / "ok")
+    save_embedded(perturbed_embedded(kind, SMALL[kind]), tmp_path / "ok")
     with pytest.raises(FileNotFoundError, match=r"no config\.json in checkpoint folder"):
         load_embedded(tmp_path / "nowhere")
     (tmp_path / "ok" / "model.safetensors").write_bytes(b"not a safetensors file")
@@ -98,7 +83,7 @@ def test_bad_checkpoints_raise_errors_naming_the_file(kind, tmp_path):
     (tmp_path / "ok" / "config.json").write_text(json.dumps({"model_type": "flux"}))
     with pytest.raises(ValueError, match="model_type 'flux', not an embedded model"):
         load_embedded(tmp_path / "ok")
-    save_embedded(_randomized(kind), tmp_path / "other")
+    save_embedded(perturbed_embedded(kind, SMALL[kind]), tmp_path / "other")
     cfg = json.loads((tmp_path / "other" / "config.json").read_text())
     cfg["model"]["width" if kind == "tiny-dit" else "emb_dim"] = 64
     (tmp_path / "other" / "config.json").write_text(json.dumps(cfg))
@@ -108,7 +93,7 @@ def test_bad_checkpoints_raise_errors_naming_the_file(kind, tmp_path):
 
 @KINDS
 def test_non_finite_weights_are_never_saved(kind, tmp_path):
-    model = _randomized(kind)
+    model = perturbed_embedded(kind, SMALL[kind])
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
     with pytest.raises(ValueError, match="non-finite"):
@@ -129,7 +114,7 @@ def test_bad_model_config():
         TinyUNetConfig(heads=5)
     for kind in SMALL:
         with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 16, 16\)"):
-            _randomized(kind)(torch.zeros(1, 3, 32, 32), torch.rand(1), _cond(1))
+            perturbed_embedded(kind, SMALL[kind])(torch.zeros(1, 3, 32, 32), torch.rand(1), random_condition(1, visible=5))
 
 
 def test_text_embeddings_are_token_level_and_cached(tmp_path):

@@ -23,7 +23,7 @@ from mixgrpo.train.config import apply_overrides
 from mixgrpo.train.run import train
 from mixgrpo.train.trainer import GRPOTrainer
 from mixgrpo.world import sample_clips, split_motion_prompts, split_prompts
-from tiny_runs import TINY, tiny_config
+from tiny_runs import TINY, perturbed_embedded, random_condition, tiny_config
 
 FRAMES = 4  # not 3: a (B, C, F, H, W) vs (B, F, C, H, W) mix-up must fail a shape check
 SMALL = {"widths": [8, 16, 32], "heads": 2, "frames": FRAMES}  # 32 px (the world renders >= 24); attention at 8 and 4 px
@@ -40,20 +40,8 @@ class VideoBrightness:
         return videos.mean(dim=(1, 2, 3, 4))
 
 
-def _cond(batch: int, seed: int = 0) -> TextCondition:
-    gen = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(batch, 16, dtype=torch.bool)
-    mask[:, :6] = True
-    return TextCondition(torch.randn(batch, 16, 384, generator=gen), mask, torch.randn(batch, 384, generator=gen))
-
-
 def _randomized(seed: int = 0) -> TinyVideoUNet:
-    torch.manual_seed(seed)
-    model = build_embedded("tiny-video-unet", SMALL)
-    with torch.no_grad():  # leave the zero-init, so every unit (temporal ones too) acts
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return perturbed_embedded("tiny-video-unet", SMALL, seed)  # every unit (temporal ones too) acts
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +54,13 @@ def test_default_model_is_small_makes_5d_noise_and_starts_at_zero_velocity():
     assert model.num_parameters() * 4 < 8e6  # fp32 safetensors under 8 MB
     assert noise_shape(model.config) == (3, 5, 32, 32)
     x = torch.randn(2, *noise_shape(model.config))
-    v = model(x, torch.rand(2), _cond(2))
+    v = model(x, torch.rand(2), random_condition(2))
     assert v.shape == x.shape and torch.count_nonzero(v) == 0  # zero-initialised head
 
 
 def test_forward_mixes_frames_and_cfg_combines_both_branches():
     model = _randomized()
-    x, t, cond = torch.randn(2, 3, FRAMES, 32, 32), torch.rand(2), _cond(2)
+    x, t, cond = torch.randn(2, 3, FRAMES, 32, 32), torch.rand(2), random_condition(2)
     with torch.no_grad():
         v = model(x, t, cond)
         other = x.clone()
@@ -101,7 +89,7 @@ def test_checkpoint_round_trip_keeps_the_video_architecture(tmp_path):
     loaded = load_embedded(folder)
     assert isinstance(loaded, TinyVideoUNet) and loaded.config == model.config
     assert loaded.config.frames == FRAMES and loaded.config.world == "motion"
-    x, t, cond = torch.randn(1, 3, FRAMES, 32, 32), torch.rand(1), _cond(1)
+    x, t, cond = torch.randn(1, 3, FRAMES, 32, 32), torch.rand(1), random_condition(1)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, t, cond), model(x, t, cond))
 
@@ -166,7 +154,7 @@ def test_init_from_an_image_unet_starts_as_it_on_every_frame(tmp_path):
     folder = save_embedded(image, tmp_path / "image")
     video = build_embedded("tiny-video-unet", SMALL)
     _initialise(video, str(folder))
-    x, t, cond = torch.randn(2, 3, FRAMES, 32, 32), torch.rand(2), _cond(2)
+    x, t, cond = torch.randn(2, 3, FRAMES, 32, 32), torch.rand(2), random_condition(2)
     with torch.no_grad():
         v = video(x, t, cond)
         for k in range(FRAMES):

@@ -15,11 +15,10 @@ from mixgrpo.cli import app
 from mixgrpo.core.vp import scaled_linear_alphas_cumprod, vp_coefficients
 from mixgrpo.inference.generate import generate
 from mixgrpo.models.checkpoint import build_embedded, load_embedded, save_embedded
-from mixgrpo.models.tiny_dit import TextCondition
 from mixgrpo.models.tiny_vp import TinyVPUNet, TinyVPUNetConfig
 from mixgrpo.train.presets import PRESETS
 from mixgrpo.train.trainer import GRPOTrainer
-from tiny_runs import tiny_config
+from tiny_runs import perturbed_embedded, random_condition, tiny_config
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -28,20 +27,8 @@ SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num
 runner = CliRunner()
 
 
-def _cond(batch: int, seed: int = 0) -> TextCondition:
-    gen = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(batch, 16, dtype=torch.bool)
-    mask[:, :6] = True
-    return TextCondition(torch.randn(batch, 16, 384, generator=gen), mask, torch.randn(batch, 384, generator=gen))
-
-
 def _randomized(prediction_type: str = "epsilon", seed: int = 0) -> TinyVPUNet:
-    torch.manual_seed(seed)
-    model = build_embedded("tiny-vp-unet", {**SMALL, "prediction_type": prediction_type})
-    with torch.no_grad():  # leave the zero-init, so every unit acts
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return perturbed_embedded("tiny-vp-unet", {**SMALL, "prediction_type": prediction_type}, seed)
 
 
 def test_schedule_is_stable_diffusions():
@@ -60,7 +47,7 @@ def tiny_vp_vs_ddim(prediction_type: str, guidance: float) -> tuple[torch.Tensor
     (CFG on the prediction) from the same ``x_T``."""
     from diffusers import DDIMScheduler
 
-    model, cond, steps = _randomized(prediction_type), _cond(3), 10
+    model, cond, steps = _randomized(prediction_type), random_condition(3), 10
     ours = generate(model, cond, steps=steps, guidance=guidance, seed=5, decode=lambda x: x)
     scheduler = DDIMScheduler(**SD, prediction_type=prediction_type, steps_offset=1, set_alpha_to_one=True,
                               clip_sample=False)
@@ -88,7 +75,7 @@ def test_sampling_is_ddim_on_the_models_own_prediction(prediction_type, guidance
 
 def test_velocity_is_the_predictions_flow_velocity():
     """``forward(y, tau)`` is ``eps_hat - x0_hat`` of ``prediction(c y, k)`` at a grid time."""
-    model, cond = _randomized(), _cond(2)
+    model, cond = _randomized(), random_condition(2)
     k = torch.tensor([961, 41])
     tau = model.time_grid(25)[torch.tensor([0, 23])].float()
     a, s, c = (v.float().view(-1, 1, 1, 1) for v in vp_coefficients(tau.double()))

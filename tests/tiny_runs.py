@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from mixgrpo.models.checkpoint import save_embedded
-from mixgrpo.models.tiny_dit import TinyDiT, TinyDiTConfig
+from mixgrpo.models.checkpoint import build_embedded, save_embedded
+from mixgrpo.models.tiny_dit import TextCondition, TinyDiT, TinyDiTConfig
 from mixgrpo.rewards import register_reward
 from mixgrpo.train.config import TrainConfig, apply_overrides
 from mixgrpo.train.presets import make_preset
@@ -31,6 +31,25 @@ def make_tiny_checkpoint(folder: Path) -> str:
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     return str(save_embedded(model, folder))
+
+
+def random_condition(batch: int, seed: int = 0, visible: int = 6) -> TextCondition:
+    """Random text conditioning of the embedded models' shape: 16 tokens of 384, ``visible`` unmasked."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(batch, 16, dtype=torch.bool)
+    mask[:, :visible] = True
+    return TextCondition(torch.randn(batch, 16, 384, generator=gen), mask, torch.randn(batch, 384, generator=gen))
+
+
+def perturbed_embedded(model_type: str, fields: dict, seed: int = 0) -> torch.nn.Module:
+    """An embedded model with ``0.05 N(0, 1)`` added to every weight (zero-inits included), so
+    every unit acts and outputs depend on every input; in eval mode."""
+    torch.manual_seed(seed)
+    model = build_embedded(model_type, fields)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
 
 
 def tiny_config(checkpoint: str, preset: str = "mixgrpo", *extra: str) -> TrainConfig:
