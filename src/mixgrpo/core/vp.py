@@ -152,7 +152,8 @@ class VPSchedule:
         if self.spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"timestep_spacing {self.spacing!r} is not supported; use {' or '.join(TIMESTEP_SPACINGS)}")
         object.__setattr__(self, "alphas_cumprod", torch.as_tensor(self.alphas_cumprod, dtype=torch.float64))
-        object.__setattr__(self, "_table", flow_time(self.alphas_cumprod))  # increasing with the timestep
+        # (N,) float64 flow time of each training timestep, increasing with it
+        object.__setattr__(self, "flow_times", flow_time(self.alphas_cumprod))
 
     @property
     def end_time(self) -> float:
@@ -167,7 +168,7 @@ class VPSchedule:
     def timesteps(self, tau: torch.Tensor) -> torch.Tensor:
         """float32 (fractional) training timesteps of flow times ``tau`` ``(B,)``; a time equal
         to a table entry at ``tau``'s precision gives that entry's integer timestep back."""
-        table = self._table.to(tau.device)
+        table = self.flow_times.to(tau.device)
         steps = timestep_from_flow_time(tau.double(), self.alphas_cumprod.to(tau.device))
         nearest = steps.round().clamp(0, len(table) - 1)
         on_table = table[nearest.long()].to(tau.dtype) == tau

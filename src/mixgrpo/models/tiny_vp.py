@@ -33,7 +33,6 @@ import torch
 from ..core.vp import (
     PREDICTION_TYPES,
     VPSchedule,
-    flow_time,
     scaled_linear_alphas_cumprod,
     velocity_from_prediction,
     vp_coefficients,
@@ -77,7 +76,7 @@ class TinyVPUNet(TinyUNet):
 
     def prediction(self, x: torch.Tensor, k: torch.Tensor, cond: TextCondition) -> torch.Tensor:
         """The model's own output at ``x_k`` ``(B, C, H, W)`` and integer timesteps ``k`` ``(B,)``."""
-        tau = flow_time(self.schedule.alphas_cumprod.to(x.device))[k.long()]  # (B,) float64
+        tau = self.schedule.flow_times.to(x.device)[k.long()]  # (B,) float64
         return self._network(x, tau, cond)
 
     def forward(self, y: torch.Tensor, tau: torch.Tensor, cond: TextCondition) -> torch.Tensor:
