@@ -241,9 +241,11 @@ def test_a_killed_worker_restarts_quick(config_file, tmp_path):
     _restart_after_kill_9(config_file, tmp_path / "run", iterations=3, checkpoint_every=1)
 
 
-def test_fsdp_trains_checkpoints_and_resumes_also_on_one_process(config_file, tmp_path):
+@pytest.mark.parametrize("resume_ranks", [(1,), pytest.param((2, 1), marks=pytest.mark.slow)])
+def test_fsdp_trains_checkpoints_and_resumes_also_on_one_process(config_file, tmp_path, resume_ranks):
     """parallel=fsdp: 2 ranks with FSDP2-sharded weights train like one process, write DCP
-    shards plus consolidated weights, and the run resumes from the shards on 2 ranks and on 1."""
+    shards plus consolidated weights, and the run resumes from the shards on 1 rank (resharded
+    on load) and, in the slow suite, on 2 as well."""
     fsdp = ["--set", "parallel=fsdp", "--set", "optim.ema=0.9"]
     ref = _torchrun(1, tmp_path / "one", config_file, "--set", "optim.ema=0.9")
     two = _torchrun(2, tmp_path / "fsdp", config_file, *fsdp)
@@ -252,7 +254,7 @@ def test_fsdp_trains_checkpoints_and_resumes_also_on_one_process(config_file, tm
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 3e-8  # measured 1.5e-8: 1 float32 ulp
     assert (tmp_path / "fsdp" / "checkpoints" / "iter_000001.dcp" / ".metadata").is_file()
     # two more iterations from the shards, on 2 ranks and on 1 (resharded on load)
-    for nproc in (2, 1):
+    for nproc in resume_ranks:
         run = tmp_path / f"resume{nproc}"
         import shutil
 
@@ -354,7 +356,7 @@ def test_eval_under_torchrun_shards_the_prompts_and_equals_one_process(tmp_path)
     """Two ranks each sample half of the eval's parts (chunk x seed pass); rank 0 writes the
     gathered result, which equals the single process's bitwise (a part's noise depends on its
     place in the whole evaluation, not on the rank)."""
-    args = ["eval", "--checkpoint", "base", "--prompts", "heldout", "--limit", "70", "--seeds", "2", "--steps", "3",
+    args = ["eval", "--checkpoint", make_tiny_checkpoint(tmp_path / "tiny"), "--prompts", "heldout", "--limit", "70", "--seeds", "2", "--steps", "3",
             "--rewards", "composition,flatness", "--blend", "0,0.5"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "mixgrpo", *args, "--out", str(tmp_path / "one.json")],

@@ -252,7 +252,7 @@ def test_a_failed_checkpoint_write_keeps_the_last_good_one_and_resume_is_bitwise
 
 # ---------------------------------------------------------------------------- eval and bench resume
 def _eval_args(tiny_checkpoint, out):
-    return ["eval", "--out", str(out), "--checkpoint", "base", "--prompts", "heldout", "--limit", "150",
+    return ["eval", "--out", str(out), "--checkpoint", str(tiny_checkpoint), "--prompts", "heldout", "--limit", "150",
             "--rewards", "flatness", "--steps", "2", "--seeds", "2", "--blend", "0,0.5"]
 
 
