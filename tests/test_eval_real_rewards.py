@@ -88,7 +88,7 @@ def test_eval_table_with_every_paper_reward(world, kind, cfg, nfe, tmp_path, mon
         assert row["nfe"] == nfe and row["n"] == len(EVAL_PROMPTS) and row["seeds"] == 1
         assert list(row["rewards"]) == REWARDS
         for name, stats in row["rewards"].items():
-            assert set(stats) == {"mean", "std", "ci95"} and all(math.isfinite(v) for v in stats.values()), (name, stats)
+            assert set(stats) == {"mean", "std", "ci95", "best_of"} and all(math.isfinite(v) for v in stats.values()), (name, stats)
         assert [p["prompt"] for p in row["per_prompt"]] == EVAL_PROMPTS
     assert 0 <= rows[0]["rewards"]["vlm-judge"]["mean"] <= 1  # normalised levels
     assert rows[0]["per_prompt"] != rows[1]["per_prompt"]  # blend 0.2 hands the last step to the base

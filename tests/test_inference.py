@@ -169,23 +169,28 @@ def test_eval_cli_compares_checkpoints_and_blends(runs, tmp_path):
     for row in data["results"]:
         assert row["n"] == 5 and row["seeds"] == 2 and len(row["per_prompt"]) == 5
         for stats in row["rewards"].values():
-            assert set(stats) == {"mean", "std", "ci95"} and stats["ci95"] >= 0
+            assert set(stats) == {"mean", "std", "ci95", "best_of"} and stats["ci95"] >= 0
+            assert stats["best_of"] >= stats["mean"]
         per_prompt = torch.tensor([p["composition"] for p in row["per_prompt"]])
         assert row["rewards"]["composition"]["mean"] == pytest.approx(per_prompt.mean().item(), abs=1e-5)
     table = out.with_suffix(".md").read_text()
-    assert table.count("\n") == 8 and "test-train-brightness" in table
+    assert table.count("\n") == 8 and "test-train-brightness" in table and "(best of 2: " in table
     # every row is sampled: scores of the seed-averaged images the CLI draws, recomputed here
     chosen = heldout_eval_prompts()[:5]  # --prompts heldout --limit 5
-    brightness = {}
+    brightness, best = {}, {}
     for spec, blend in [(Path(runs["base"]), 0.0), (runs["full"], 0.0), (runs["full"], 0.5), (runs["full"], 1.0)]:
         policy = load_policy(spec)
         images = [generate_prompts(policy, cached_embeddings(chosen), chosen, seed=k * 1_000_003, steps=6,
                                    blend=blend, base=policy.base) for k in range(2)]
-        brightness[(spec.name, blend)] = torch.stack([im.mean((1, 2, 3)) for im in images]).mean(0)
+        per_seed = torch.stack([im.mean((1, 2, 3)) for im in images])  # (seeds, prompts)
+        brightness[(spec.name, blend)], best[(spec.name, blend)] = per_seed.mean(0), per_seed.max(0).values.mean()
     rows = {(Path(r["checkpoint"]).name, r["blend"]): r for r in data["results"]}
     for key, expected in brightness.items():
         got = torch.tensor([p["test-train-brightness"] for p in rows[key]["per_prompt"]])
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+        # best of the 2 seeds per prompt, averaged: not the mean of the seed-averaged scores
+        assert rows[key]["rewards"]["test-train-brightness"]["best_of"] == pytest.approx(best[key].item(), abs=1e-6)
+        assert best[key] > expected.mean()
     # a model blended with itself is itself; the fine-tune blended fully is its base
     for name in ("composition", "test-train-brightness"):
         assert rows[(Path(runs["base"]).name, 0.5)]["rewards"][name] == rows[(Path(runs["base"]).name, 0)]["rewards"][name]

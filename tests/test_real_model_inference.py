@@ -235,7 +235,7 @@ def test_eval_cli_table_has_every_column(world, tmp_path, monkeypatch):
         (str(world["lora"]), 0), (str(world["lora"]), 1), (str(world["flux"]), 0), (str(world["flux"]), 1)]
     for row in rows:
         assert row["nfe"] == STEPS and row["n"] == 3 and row["seeds"] == 1
-        assert set(row["rewards"]["flatness"]) == {"mean", "std", "ci95"}
+        assert set(row["rewards"]["flatness"]) == {"mean", "std", "ci95", "best_of"}
         assert all(math.isfinite(v) for v in row["rewards"]["flatness"].values())
         assert [p["prompt"] for p in row["per_prompt"]] == [*PROMPTS[:2], NEW_PROMPT]
     assert rows[0]["per_prompt"] != rows[1]["per_prompt"]  # blend 1 is the base, not the run

@@ -3,6 +3,9 @@ reward, plus per-prompt scores.
 
 Statistics treat the prompt as the unit: each prompt's score is its mean over ``seeds``
 samples, and ``ci95 = 1.96 * std(per-prompt scores, ddof=1) / sqrt(n)`` over the ``n`` prompts.
+``best_of`` is the mean over prompts of each prompt's best sample (best of ``seeds``; pass@k
+for a 0/1 verifier): how far picking among the model's own samples gets, the headroom that RL
+sharpens toward.
 
 Resuming: the work is done in parts, one per (seed pass, chunk of :data:`EVAL_CHUNK` prompts),
 each drawn with the seed the whole pass would give it (see
@@ -166,6 +169,7 @@ def evaluate_policy(
     conditions = policy.conditions(prompts)  # every prompt's embedding found (or made) before any sampling
     shift = policy.grid_shift(steps) if shift is None else shift
     totals = {name: torch.zeros(len(prompts)) for name in rewards}
+    best = {name: torch.full((len(prompts),), -math.inf) for name in rewards}  # best sample per prompt
     done = done or {}
     # the parts in a fixed order; with `gather` (torchrun) rank r draws parts r, r + W, ... of each
     # round of W and every rank receives all of them: the noise of a part depends on its key only,
@@ -194,8 +198,9 @@ def evaluate_policy(
         for k, start in todo:
             key, n = f"{k}:{start}", len(prompts[start : start + EVAL_CHUNK])
             for name in rewards:
-                totals[name][start : start + n] += torch.tensor(done[key]["scores"][name],
-                                                                dtype=getattr(torch, done[key]["dtypes"][name]))
+                part = torch.tensor(done[key]["scores"][name], dtype=getattr(torch, done[key]["dtypes"][name]))
+                totals[name][start : start + n] += part
+                best[name][start : start + n] = torch.maximum(best[name][start : start + n], part.to(best[name].dtype))
             if on_images is not None:
                 on_images(n)
     per_prompt = {name: t / seeds for name, t in totals.items()}
@@ -206,7 +211,9 @@ def evaluate_policy(
         "nfe": steps * (2 if guidance != 1.0 and policy.kind not in DISTILLED_KINDS else 1),  # passes per image (CFG: 2)
         "n": len(prompts),
         "seeds": seeds,
-        "rewards": {name: summarise_scores(s) for name, s in per_prompt.items()},
+        # best_of: the mean over prompts of each prompt's best of its ``seeds`` samples (pass@k for a
+        # verifier): what selecting among the model's own samples reaches, the headroom RL can sharpen
+        "rewards": {name: {**summarise_scores(s), "best_of": best[name].mean().item()} for name, s in per_prompt.items()},
         "per_prompt": [
             {"prompt": p, **{name: round(per_prompt[name][i].item(), 6) for name in rewards}} for i, p in enumerate(prompts)
         ],
@@ -219,6 +226,8 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
     names = list(results[0]["rewards"])
     lines = ["| checkpoint | blend | NFE | n | " + " | ".join(names) + " |", "|---|---|---|---|" + "---|" * len(names)]
     for r in results:
-        cells = [f"{r['rewards'][n]['mean']:.3f} ± {r['rewards'][n]['ci95']:.3f}" for n in names]
+        best = r.get("seeds", 1) > 1 and all("best_of" in r["rewards"][n] for n in names)
+        cells = [f"{r['rewards'][n]['mean']:.3f} ± {r['rewards'][n]['ci95']:.3f}"
+                 + (f" (best of {r['seeds']}: {r['rewards'][n]['best_of']:.3f})" if best else "") for n in names]
         lines.append(f"| {r['checkpoint']} | {r['blend']:g} | {r.get('nfe', '')} | {r['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
