@@ -40,6 +40,14 @@ class Policy:
     time_grid: Callable[[int], torch.Tensor] | None = None
     initial_noise_scale: Callable[[torch.Tensor], float] | None = None
 
+    def __post_init__(self) -> None:
+        # a model that brings its own grid and start (the embedded epsilon / v model) samples on
+        # them: the flow's grid would start it at alphabar = 0, where its velocity is not finite
+        if self.time_grid is None:
+            self.time_grid = getattr(self.model, "time_grid", None)
+        if self.initial_noise_scale is None:
+            self.initial_noise_scale = getattr(self.model, "initial_noise_scale", None)
+
     @property
     def config(self):
         return self.model.config
