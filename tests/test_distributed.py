@@ -79,19 +79,29 @@ def _weights(run):
     return load_file(str(run / "checkpoints" / "iter_000001" / "weights.safetensors"))
 
 
-def test_two_processes_train_like_one(config_file, tmp_path):
-    one = _torchrun(1, tmp_path / "one", config_file)
-    two = _torchrun(2, tmp_path / "two", config_file)
-    assert one.returncode == 0, one.stderr[-2000:]
+EMA = ("--set", "optim.ema=0.9")  # the reference run also keeps an EMA, so the FSDP test can compare against it
+
+
+@pytest.fixture(scope="module")
+def one_process_run(config_file, tmp_path_factory):
+    """The single-process reference that the DDP and FSDP runs must reproduce (run once)."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    result = _torchrun(1, out, config_file, *EMA)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def test_two_processes_train_like_one(config_file, one_process_run, tmp_path):
+    two = _torchrun(2, tmp_path / "two", config_file, *EMA)
     assert two.returncode == 0, two.stderr[-2000:]
-    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    a, b = _weights(one_process_run), _weights(tmp_path / "two")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 3e-8  # measured 1.5e-8: 1 float32 ulp
     start = _weights_at_start(config_file)
     assert any(not torch.equal(a[k], start[k]) for k in start)  # it did train
     # rank 0 alone logged: one metrics row per iteration, same rewards as the single process
     rows = [yaml.safe_load(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    ref = [yaml.safe_load(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    ref = [yaml.safe_load(x) for x in (one_process_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1]
     assert [r["reward_mean"] for r in rows] == pytest.approx([r["reward_mean"] for r in ref], abs=1e-6)
 
@@ -129,7 +139,8 @@ GRADIENT_WEIGHTING = ("rewards={flatness: 1.0, composition: 1.0}", "weighting.na
 
 @pytest.mark.parametrize(("preset", "extra"), [
     ("nft", ()), pytest.param("awm", (), marks=pytest.mark.slow), pytest.param("branch-grpo", (), marks=pytest.mark.slow),
-    ("mixgrpo", (*GRADIENT_WEIGHTING, "optim.minibatches=1")),  # one gradient per reward, min-norm weights
+    # one gradient per reward, min-norm weights
+    pytest.param("mixgrpo", (*GRADIENT_WEIGHTING, "optim.minibatches=1"), marks=pytest.mark.slow),
     # the second of 4 optimizer steps: each group's balanced slice, whichever rank holds the group
     ("mixgrpo", ("optim.minibatch_order=balance", "MIXGRPO_PROBE_STEP=1")),
 ])
@@ -174,7 +185,7 @@ def _weights_at_start(config_file):
 
 @pytest.mark.parametrize(("extra", "match"), [
     (["--set", "prompts_per_iter=3"], "not divisible by the 2 processes"),
-    (["--set", "sampler.noise_per_group=false"], "needs sampler.noise_per_group"),
+    pytest.param(["--set", "sampler.noise_per_group=false"], "needs sampler.noise_per_group", marks=pytest.mark.slow),
 ])
 def test_bad_distributed_setups_fail_on_every_rank_before_work(config_file, tmp_path, extra, match):
     result = _torchrun(2, tmp_path / "run", config_file, *extra)
@@ -242,15 +253,13 @@ def test_a_killed_worker_restarts_quick(config_file, tmp_path):
 
 
 @pytest.mark.parametrize("resume_ranks", [(1,), pytest.param((2, 1), marks=pytest.mark.slow)])
-def test_fsdp_trains_checkpoints_and_resumes_also_on_one_process(config_file, tmp_path, resume_ranks):
+def test_fsdp_trains_checkpoints_and_resumes_also_on_one_process(config_file, one_process_run, tmp_path, resume_ranks):
     """parallel=fsdp: 2 ranks with FSDP2-sharded weights train like one process, write DCP
     shards plus consolidated weights, and the run resumes from the shards on 1 rank (resharded
     on load) and, in the slow suite, on 2 as well."""
-    fsdp = ["--set", "parallel=fsdp", "--set", "optim.ema=0.9"]
-    ref = _torchrun(1, tmp_path / "one", config_file, "--set", "optim.ema=0.9")
-    two = _torchrun(2, tmp_path / "fsdp", config_file, *fsdp)
-    assert ref.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
-    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "fsdp")
+    two = _torchrun(2, tmp_path / "fsdp", config_file, "--set", "parallel=fsdp", *EMA)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _weights(one_process_run), _weights(tmp_path / "fsdp")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 3e-8  # measured 1.5e-8: 1 float32 ulp
     assert (tmp_path / "fsdp" / "checkpoints" / "iter_000001.dcp" / ".metadata").is_file()
     # two more iterations from the shards, on 2 ranks and on 1 (resharded on load)
