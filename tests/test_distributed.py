@@ -138,7 +138,7 @@ GRADIENT_WEIGHTING = ("rewards={flatness: 1.0, composition: 1.0}", "weighting.na
 
 
 @pytest.mark.parametrize(("preset", "extra"), [
-    ("nft", ()), pytest.param("awm", (), marks=pytest.mark.slow), pytest.param("branch-grpo", (), marks=pytest.mark.slow),
+    pytest.param("nft", (), marks=pytest.mark.slow), pytest.param("awm", (), marks=pytest.mark.slow), pytest.param("branch-grpo", (), marks=pytest.mark.slow),
     # one gradient per reward, min-norm weights
     pytest.param("mixgrpo", (*GRADIENT_WEIGHTING, "optim.minibatches=1"), marks=pytest.mark.slow),
     # the second of 4 optimizer steps: each group's balanced slice, whichever rank holds the group
@@ -247,23 +247,20 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(config_file, tmp_path
     _restart_after_kill_9(config_file, tmp_path / "run", iterations=6, checkpoint_every=2)
 
 
-def test_a_killed_worker_restarts_quick(config_file, tmp_path):
-    """The default suite's variant: three iterations, a checkpoint after each."""
-    _restart_after_kill_9(config_file, tmp_path / "run", iterations=3, checkpoint_every=1)
-
-
-@pytest.mark.parametrize("resume_ranks", [(1,), pytest.param((2, 1), marks=pytest.mark.slow)])
-def test_fsdp_trains_checkpoints_and_resumes_also_on_one_process(config_file, one_process_run, tmp_path, resume_ranks):
+# FSDP's gradient equals one process's in the default suite (test_two_ranks_compute_the_single_process_gradient);
+# its end-to-end run, DCP shards and resharded resume are slow (~25 s)
+@pytest.mark.slow
+def test_fsdp_trains_checkpoints_and_resumes_also_on_one_process(config_file, one_process_run, tmp_path):
     """parallel=fsdp: 2 ranks with FSDP2-sharded weights train like one process, write DCP
-    shards plus consolidated weights, and the run resumes from the shards on 1 rank (resharded
-    on load) and, in the slow suite, on 2 as well."""
+    shards plus consolidated weights, and the run resumes from the shards on 2 ranks and on 1
+    (resharded on load)."""
     two = _torchrun(2, tmp_path / "fsdp", config_file, "--set", "parallel=fsdp", *EMA)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _weights(one_process_run), _weights(tmp_path / "fsdp")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 3e-8  # measured 1.5e-8: 1 float32 ulp
     assert (tmp_path / "fsdp" / "checkpoints" / "iter_000001.dcp" / ".metadata").is_file()
     # two more iterations from the shards, on 2 ranks and on 1 (resharded on load)
-    for nproc in resume_ranks:
+    for nproc in (2, 1):
         run = tmp_path / f"resume{nproc}"
         import shutil
 
