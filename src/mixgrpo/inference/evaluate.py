@@ -211,8 +211,6 @@ def evaluate_policy(
         "nfe": steps * (2 if guidance != 1.0 and policy.kind not in DISTILLED_KINDS else 1),  # passes per image (CFG: 2)
         "n": len(prompts),
         "seeds": seeds,
-        # best_of: the mean over prompts of each prompt's best of its ``seeds`` samples (pass@k for a
-        # verifier): what selecting among the model's own samples reaches, the headroom RL can sharpen
         "rewards": {name: {**summarise_scores(s), "best_of": best[name].mean().item()} for name, s in per_prompt.items()},
         "per_prompt": [
             {"prompt": p, **{name: round(per_prompt[name][i].item(), 6) for name in rewards}} for i, p in enumerate(prompts)
