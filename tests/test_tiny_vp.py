@@ -13,9 +13,8 @@ from typer.testing import CliRunner
 
 from mixgrpo.cli import app
 from mixgrpo.core.vp import scaled_linear_alphas_cumprod, vp_coefficients
-from mixgrpo.inference.generate import generate
+from mixgrpo.inference.generate import condition, generate
 from mixgrpo.models.checkpoint import build_embedded, load_embedded, save_embedded
-from mixgrpo.models.tiny_dit import TextCondition
 from mixgrpo.models.tiny_vp import TinyVPUNet, TinyVPUNetConfig
 from mixgrpo.rewards import get_reward
 from mixgrpo.text import cached_embeddings
@@ -178,7 +177,7 @@ def test_eval_and_sample_draw_the_vp_model_on_its_own_grid(vp_checkpoint, tmp_pa
                                  "--rewards", "flatness", "--out", str(out)])
     assert result.exit_code == 0, result.output
     prompts = heldout_eval_prompts()[:3]  # --prompts heldout --limit 3
-    images = generate(load_embedded(vp_checkpoint).eval(), TextCondition(*cached_embeddings(prompts).lookup(prompts)), steps=6)
+    images = generate(load_embedded(vp_checkpoint).eval(), condition(cached_embeddings(prompts), prompts), steps=6)
     expected = get_reward("flatness")(images, prompts)
     got = torch.tensor([row["flatness"] for row in json.loads(out.read_text())["results"][0]["per_prompt"]])
     torch.testing.assert_close(got, expected.float(), atol=1e-6, rtol=0)

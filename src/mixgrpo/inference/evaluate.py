@@ -224,8 +224,7 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
     names = list(results[0]["rewards"])
     lines = ["| checkpoint | blend | NFE | n | " + " | ".join(names) + " |", "|---|---|---|---|" + "---|" * len(names)]
     for r in results:
-        best = r.get("seeds", 1) > 1 and all("best_of" in r["rewards"][n] for n in names)
         cells = [f"{r['rewards'][n]['mean']:.3f} ± {r['rewards'][n]['ci95']:.3f}"
-                 + (f" (best of {r['seeds']}: {r['rewards'][n]['best_of']:.3f})" if best else "") for n in names]
+                 + (f" (best of {r['seeds']}: {r['rewards'][n]['best_of']:.3f})" if r["seeds"] > 1 else "") for n in names]
         lines.append(f"| {r['checkpoint']} | {r['blend']:g} | {r.get('nfe', '')} | {r['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
