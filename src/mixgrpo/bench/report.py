@@ -127,6 +127,7 @@ def summarise(results: list[ArmResult]) -> list[dict[str, Any]]:
         reached = [sec for _, sec, reward in curve if target is not None and reward >= target]
         rows.append({
             "preset": label,
+            "eval_split": finals[0].get("split", "heldout"),
             "seeds": [r.seed for r in runs],
             "iterations": len(runs[0].iter_times),
             "model_passes_per_image": statistics.fmean(p for r in runs for p in r.model_passes),
@@ -167,10 +168,16 @@ def _time_fraction(stat: dict[str, Any] | None) -> str:
     return "; ".join(parts) or "—"
 
 
+def _split_name(rows: list[dict[str, Any]]) -> str:
+    """What the evaluations scored: ``held-out`` or ``training-prompt`` (``eval_split``)."""
+    return "training-prompt" if rows and rows[0].get("eval_split") == "train" else "held-out"
+
+
 def markdown(rows: list[dict[str, Any]], title: str) -> str:
+    split = _split_name(rows)
     lines = [
         f"## {title}", "",
-        "| preset | passes/image | iter time (s) | time ratio vs DanceGRPO | paper ratio (FLUX) | held-out reward | gain | "
+        f"| preset | passes/image | iter time (s) | time ratio vs DanceGRPO | paper ratio (FLUX) | {split} reward | gain | "
         "paired Δ vs DanceGRPO (± seeds; ± prompts) | time to DanceGRPO's reward (s) | "
         "that time / DanceGRPO's (paired) | flatness |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -191,14 +198,14 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
         )
     seeds = rows[0]["seeds"]
     lines += ["", f"{len(seeds)} seed(s) {seeds}, {rows[0]['iterations']} iterations each, interleaved in one process; "
-              "± is a 95% t-interval over seeds; the paired Δ is the final held-out composition minus DanceGRPO's for the same "
+              f"± is a 95% t-interval over seeds; the paired Δ is the final {split} composition minus DanceGRPO's for the same "
               "seed, prompts and evaluation noise (± over seeds, then ± over prompts). Paper (v7 Table 1): DanceGRPO 291.3 s, MixGRPO 149.3 s, MixGRPO-Flash "
               "112.4 s, MixGRPO-Flash* 83.3 s per iteration (FLUX, 32 GPUs)."]
     if any(r["peak_memory_gb"] is not None for r in rows):
         lines.append("Peak GPU memory per iteration (GiB): " + ", ".join(
             f"{r['preset']} {r['peak_memory_gb']:.1f}" for r in rows if r["peak_memory_gb"] is not None) + ".")
     if rows[0]["target_reward"] is None and any(r["preset"] == REFERENCE for r in rows):
-        lines.append("Time to DanceGRPO's reward: — because DanceGRPO's final held-out reward did not exceed its start.")
+        lines.append(f"Time to DanceGRPO's reward: — because DanceGRPO's final {split} reward did not exceed its start.")
     return "\n".join(lines) + "\n"
 
 
@@ -206,12 +213,13 @@ def write_report(out: Path, results: list[ArmResult], *, title: str, config: dic
     """Write ``bench.json``, ``bench.md``, ``reward_vs_time.png`` and ``reward_vs_iteration.png``."""
     out.mkdir(parents=True, exist_ok=True)
     rows = summarise(results)
+    axis = f"{_split_name(rows)} reward"
     (out / "bench.json").write_text(json.dumps({"title": title, "config": config, "rows": rows}, indent=1) + "\n")
     (out / "bench.md").write_text(markdown(rows, title))
     save_curve(out / "reward_vs_time.png", None,
                {r["preset"]: ([p["train_s"] for p in r["curve"]], [p["eval_reward"] for p in r["curve"]]) for r in rows},
-               "training seconds (seed mean)", "held-out reward")
+               "training seconds (seed mean)", axis)
     save_curve(out / "reward_vs_iteration.png", None,
                {r["preset"]: ([p["iteration"] for p in r["curve"]], [p["eval_reward"] for p in r["curve"]]) for r in rows},
-               "iteration", "held-out reward")
+               "iteration", axis)
     return rows

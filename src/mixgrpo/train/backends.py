@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -86,6 +87,23 @@ def _diffusers(cfg: TrainConfig) -> Backend:
                    parts.transformer, m.lora_targets or parts.lora_targets, scheduler_shift=shift)
 
 
+def _choose_prompts(backend: Backend, cfg: TrainConfig) -> None:
+    """Apply ``prompt_pool`` (a fixed seeded sample of the training prompts, in their order) and
+    ``eval_split=train`` (evaluate on the training prompts: a fixed seeded order of them, cycled
+    to ``eval_prompts``; a repeat draws its own noise). Seeded apart from ``cfg.seed``, so every
+    seed and method of a bench trains and evaluates on the same prompts."""
+    train = backend.train_prompts
+    if cfg.prompt_pool:
+        if cfg.prompt_pool > len(train):
+            raise ValueError(f"prompt_pool {cfg.prompt_pool} exceeds the {len(train)} training prompts; lower it, "
+                             "or 0 to train on all of them")
+        keep = np.sort(np.random.default_rng(0).permutation(len(train))[: cfg.prompt_pool])
+        backend.train_prompts = train = [train[i] for i in keep]
+    if cfg.eval_split == "train":
+        order = np.random.default_rng(1).permutation(len(train))
+        backend.eval_prompts = [train[order[i % len(train)]] for i in range(cfg.eval_prompts)]
+
+
 def make_backend(cfg: TrainConfig, model: nn.Module | None = None) -> Backend:
     """The backend ``cfg.model.kind`` names (``model`` overrides the embedded checkpoint, for tests)."""
     if cfg.model.kind == "embedded":
@@ -94,6 +112,7 @@ def make_backend(cfg: TrainConfig, model: nn.Module | None = None) -> Backend:
         raise ValueError("a model object can only replace the embedded model checkpoint")
     else:
         backend = _diffusers(cfg)
+    _choose_prompts(backend, cfg)
     device = torch.device(cfg.model.device)
     if device.type != "cpu":
         on_host = backend.condition

@@ -53,7 +53,12 @@ class TrainConfig:
     rewards_in_background: bool = False  # score a chunk's images in a thread while the next chunk samples
     parallel: str = "ddp"  # under torchrun: ddp (replicated weights) | fsdp (FSDP2-sharded, DCP checkpoints)
     eval_every: int = 20  # held-out evaluation interval (iterations), also at start and end
-    eval_prompts: int = 64  # held-out prompts per evaluation
+    eval_prompts: int = 64  # prompts per evaluation (cycled, each with its own noise, when the split has fewer)
+    # what the evaluation scores: "heldout" (prompts RL never trains on; the embedded world's hold
+    # out colour-shape pairs too) or "train" (the prompts RL trains on, on fixed evaluation noise:
+    # how fast a method optimises, apart from how far it generalises)
+    eval_split: str = "heldout"
+    prompt_pool: int = 0  # train on a fixed seeded sample of this many training prompts (0: all of them)
     eval_steps: int | None = None  # Euler steps of the held-out samples (None: sampler.num_steps)
     checkpoint_every: int = 10  # iterations between checkpoints
     keep_checkpoints: int = 2  # retention
@@ -108,6 +113,11 @@ class TrainConfig:
             raise ValueError(f"eval_steps must be >= 1 or null, got {self.eval_steps}")
         if self.eval_every < 1 or self.eval_prompts < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("eval_every, eval_prompts, checkpoint_every and keep_checkpoints must be >= 1")
+        if self.eval_split not in ("heldout", "train"):
+            raise ValueError(f"eval_split must be heldout or train, got {self.eval_split!r}")
+        if self.prompt_pool < 0 or 0 < self.prompt_pool < self.prompts_per_iter:
+            raise ValueError(f"prompt_pool must be 0 (every prompt) or >= prompts_per_iter "
+                             f"({self.prompts_per_iter}), got {self.prompt_pool}")
         survivors = self.sampler.prune_keep if self.sampler.prune_keep is not None else self.group_size
         if not 2 <= survivors <= self.group_size - (self.sampler.prune_keep is not None):
             raise ValueError(f"sampler.prune_keep must be in [2, group_size - 1 = {self.group_size - 1}] "

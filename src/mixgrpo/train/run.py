@@ -2,8 +2,10 @@
 
     DIR/config.yaml        the resolved config
     DIR/metrics.jsonl      one row per iteration
-    DIR/eval.jsonl         held-out evaluation at start, every `eval_every`, at the end;
-                           its `iteration` counts completed iterations (0 = before training)
+    DIR/eval.jsonl         evaluation (`eval_split`: held-out, or the training prompts) at start,
+                           every `eval_every`, at the end; its `iteration` counts completed
+                           iterations (0 = before training)
+    DIR/train_prompts.jsonl  the prompts it trains on (`mixgrpo eval --prompts` reads it)
     DIR/samples/           image grids of the evaluation prompts
     DIR/reward_curve.png   train and held-out reward against iteration
     DIR/weights_curve.png  with several rewards: each one's weight against iteration
@@ -153,6 +155,8 @@ def train(
     if resume and not d.is_main:
         cfg = config_from_dict(yaml.safe_load((out / "config.yaml").read_text())).validate()
     trainer = trainer or GRPOTrainer(cfg, dist=d)
+    if d.is_main:
+        (out / "train_prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in trainer.train_prompts))
     metrics_path, eval_path = out / "metrics.jsonl", out / "eval.jsonl"
     start_iteration, elapsed_before = 0, 0.0
     if resume:

@@ -312,7 +312,8 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, *, seed: int = 0) -> tuple[dict[str, Any], torch.Tensor]:
-        """Held-out prompts, one deterministic ODE sample each, scored by every training reward
+        """The evaluation prompts (``eval_split``: held-out by default), one deterministic ODE
+        sample each, scored by every training reward
         plus the backend's evaluation rewards (``reward_<name>``; ``exact_<name>`` = share of
         images scoring 1 for its exact rewards). Returns the row and the images."""
         self.model.eval()
@@ -332,7 +333,7 @@ class GRPOTrainer:
         ok = finite & torch.stack([torch.isfinite(r) for r in rewards.values()]).all(0)
         row = {"reward_mean": total[ok].mean().item(), **{f"reward_{n}": r[ok].mean().item() for n, r in rewards.items()},
                **{f"exact_{n}": (rewards[n][ok] == 1).float().mean().item() for n in self.backend.exact_rewards},
-               "n": len(self.eval_prompts), "nonfinite": int((~ok).sum())}
+               "n": len(self.eval_prompts), "nonfinite": int((~ok).sum()), "split": self.cfg.eval_split}
         return row, images
 
     # ------------------------------------------------------------------ state
