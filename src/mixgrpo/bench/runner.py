@@ -63,7 +63,7 @@ class ArmResult:
     model_passes: list[int] = field(default_factory=list)
     train_rewards: list[float] = field(default_factory=list)
     peak_memory_bytes: int | None = None  # CUDA only: the most memory any of its iterations allocated
-    # held-out evaluations: (completed iterations, training seconds so far, eval row)
+    # evaluations (held-out, or the training prompts with eval_split=train): (completed iterations, training seconds so far, eval row)
     evals: list[tuple[int, float, dict[str, Any]]] = field(default_factory=list)
 
     @property
@@ -78,7 +78,7 @@ def eval_points(iterations: int, evals: int) -> list[int]:
 
 
 def _evaluate(trainer: GRPOTrainer) -> dict[str, Any]:
-    """The trainer's held-out row plus, on the embedded world, each prompt's ``composition``
+    """The trainer's evaluation row plus, on the embedded world, each prompt's ``composition``
     (``per_prompt``): arms share the seed, the prompts and the evaluation noise, so
     differences between arms can be paired prompt by prompt."""
     row, images = trainer.evaluate()

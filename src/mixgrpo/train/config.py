@@ -52,8 +52,10 @@ class TrainConfig:
     rewards: dict[str, float | dict[str, Any]] = field(default_factory=lambda: {"composition": 1.0})
     rewards_in_background: bool = False  # score a chunk's images in a thread while the next chunk samples
     parallel: str = "ddp"  # under torchrun: ddp (replicated weights) | fsdp (FSDP2-sharded, DCP checkpoints)
-    eval_every: int = 20  # held-out evaluation interval (iterations), also at start and end
-    eval_prompts: int = 64  # prompts per evaluation (cycled, each with its own noise, when the split has fewer)
+    eval_every: int = 20  # evaluation interval (iterations), also at start and end
+    # images per evaluation: one per prompt of the split, at most its size, except that
+    # eval_split=train and the motion world repeat their prompts (each repeat with its own noise)
+    eval_prompts: int = 64
     # what the evaluation scores: "heldout" (prompts RL never trains on; the embedded world's hold
     # out colour-shape pairs too) or "train" (the prompts RL trains on, on fixed evaluation noise:
     # how fast a method optimises, apart from how far it generalises)

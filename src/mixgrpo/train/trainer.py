@@ -313,9 +313,9 @@ class GRPOTrainer:
     @torch.no_grad()
     def evaluate(self, *, seed: int = 0) -> tuple[dict[str, Any], torch.Tensor]:
         """The evaluation prompts (``eval_split``: held-out by default), one deterministic ODE
-        sample each, scored by every training reward
-        plus the backend's evaluation rewards (``reward_<name>``; ``exact_<name>`` = share of
-        images scoring 1 for its exact rewards). Returns the row and the images."""
+        sample each, scored by every training reward plus the backend's evaluation rewards
+        (``reward_<name>``; ``exact_<name>`` = share of images scoring 1 for its exact rewards;
+        ``split``). Returns the row and the images."""
         self.model.eval()
         s = self.cfg.sampler
         with self.autocast:
