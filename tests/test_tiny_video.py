@@ -203,6 +203,9 @@ def test_prompts_come_from_the_model_world(video_checkpoint):
     assert backend.video and backend.train_prompts == train_prompts
     assert backend.eval_prompts == heldout * 2  # 24 evaluation samples: every held-out prompt twice
     assert backend.eval_rewards == ("motion-composition",)
+    pooled = make_backend(_video_config(video_checkpoint, "mixgrpo", "prompt_pool=8", "eval_split=train"))
+    assert len(pooled.train_prompts) == 8 and set(pooled.train_prompts) <= set(train_prompts)
+    assert len(pooled.eval_prompts) == 24 and set(pooled.eval_prompts) == set(pooled.train_prompts)
     image = make_backend(tiny_config(video_checkpoint, "mixgrpo", "rewards={test-train-brightness: 1.0}",
                                      "model.checkpoint=null"), model=build_embedded("tiny-dit", TINY.to_dict()))
     assert not image.video and image.train_prompts == split_prompts()[0]
