@@ -56,6 +56,9 @@ def main(config: str, out: str, *overrides: str) -> None:
         grads.update({f"{mode}/{k}": v for k, v in first_step_gradients(cfg, d).items()})
     if d.is_main:
         save_file(grads, out)
+    if d.enabled:  # leave the group before exit: a live gloo group can abort a rank at teardown
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
