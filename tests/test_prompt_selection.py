@@ -28,7 +28,7 @@ def test_pool_is_a_fixed_sample_of_the_training_prompts_in_their_order(tiny_chec
     assert not set(make_backend(tiny_config(tiny_checkpoint, "mixgrpo", "prompt_pool=16")).eval_prompts) & set(train)
 
 
-def test_training_split_evaluates_every_pool_prompt_evenly_on_fresh_noise(tiny_checkpoint):
+def test_training_split_evaluates_every_pool_prompt_evenly(tiny_checkpoint):
     cfg = tiny_config(tiny_checkpoint, "mixgrpo", "prompt_pool=16", "eval_split=train", "eval_prompts=40")
     trainer = GRPOTrainer(cfg)
     pool, evals = trainer.train_prompts, trainer.eval_prompts
@@ -59,11 +59,14 @@ def test_bench_report_names_the_split_it_measured():
     assert "| held-out reward |" in held and "training-prompt" not in held
 
 
-def test_a_run_writes_the_prompts_it_trains_on_for_eval(tiny_checkpoint, tmp_path):
+def test_a_run_writes_the_prompts_it_trains_on_and_titles_its_split(tiny_checkpoint, tmp_path, monkeypatch):
     from mixgrpo.data import read_prompt_file
-    from mixgrpo.train.run import train
+    from mixgrpo.train import run
 
-    cfg = tiny_config(tiny_checkpoint, "mixgrpo", "prompt_pool=16", "iterations=1")
-    train(cfg, tmp_path / "run")
+    titles = {}
+    monkeypatch.setattr(run, "save_curve", lambda path, x, curves, xlabel, title: titles.update({path.name: title}))
+    cfg = tiny_config(tiny_checkpoint, "mixgrpo", "prompt_pool=16", "iterations=1", "eval_split=train")
+    run.train(cfg, tmp_path / "run")
     pool = make_backend(cfg).train_prompts
     assert read_prompt_file(str(tmp_path / "run" / "train_prompts.jsonl")) == pool
+    assert titles["eval_curve.png"] == "training-prompt reward"

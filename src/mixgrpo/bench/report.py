@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ..train.config import EVAL_SPLITS
 from ..viz import save_curve
 from .runner import ArmResult
 
@@ -170,7 +171,7 @@ def _time_fraction(stat: dict[str, Any] | None) -> str:
 
 def _split_name(rows: list[dict[str, Any]]) -> str:
     """What the evaluations scored: ``held-out`` or ``training-prompt`` (``eval_split``)."""
-    return "training-prompt" if rows and rows[0].get("eval_split") == "train" else "held-out"
+    return EVAL_SPLITS[rows[0]["eval_split"] if rows else "heldout"]
 
 
 def markdown(rows: list[dict[str, Any]], title: str) -> str:

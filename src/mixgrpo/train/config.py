@@ -27,6 +27,7 @@ from .config_sections import (
 )
 
 __all__ = [
+    "EVAL_SPLITS",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
@@ -39,6 +40,10 @@ __all__ = [
     "config_to_dict",
     "load_yaml",
 ]
+
+
+# eval_split -> how figures name what it scored
+EVAL_SPLITS: dict[str, str] = {"heldout": "held-out", "train": "training-prompt"}
 
 
 @dataclass
@@ -61,7 +66,7 @@ class TrainConfig:
     # how fast a method optimises, apart from how far it generalises)
     eval_split: str = "heldout"
     prompt_pool: int = 0  # train on a fixed seeded sample of this many training prompts (0: all of them)
-    eval_steps: int | None = None  # Euler steps of the held-out samples (None: sampler.num_steps)
+    eval_steps: int | None = None  # Euler steps of the evaluation samples (None: sampler.num_steps)
     checkpoint_every: int = 10  # iterations between checkpoints
     keep_checkpoints: int = 2  # retention
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -115,7 +120,7 @@ class TrainConfig:
             raise ValueError(f"eval_steps must be >= 1 or null, got {self.eval_steps}")
         if self.eval_every < 1 or self.eval_prompts < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("eval_every, eval_prompts, checkpoint_every and keep_checkpoints must be >= 1")
-        if self.eval_split not in ("heldout", "train"):
+        if self.eval_split not in EVAL_SPLITS:
             raise ValueError(f"eval_split must be heldout or train, got {self.eval_split!r}")
         if self.prompt_pool < 0 or 0 < self.prompt_pool < self.prompts_per_iter:
             raise ValueError(f"prompt_pool must be 0 (every prompt) or >= prompts_per_iter "

@@ -7,7 +7,8 @@
                            iterations (0 = before training)
     DIR/train_prompts.jsonl  the prompts it trains on (`mixgrpo eval --prompts` reads it)
     DIR/samples/           image grids of the evaluation prompts
-    DIR/reward_curve.png   train and held-out reward against iteration
+    DIR/reward_curve.png   train reward against iteration
+    DIR/eval_curve.png     evaluation reward against iteration
     DIR/weights_curve.png  with several rewards: each one's weight against iteration
     DIR/checkpoints/       atomic checkpoints + latest.json
     DIR/tb/                TensorBoard events
@@ -41,7 +42,7 @@ from ..inference.verify import checkpoint_folders, newest_intact
 from ..viz import save_curve, save_image_grid
 from .batch import NonFiniteError
 from .checkpointing import load_checkpoint, load_resumable, save_checkpoint
-from .config import TrainConfig, config_from_dict, config_to_dict
+from .config import EVAL_SPLITS, TrainConfig, config_from_dict, config_to_dict
 from .distributed import (
     barrier,
     check_distributed_config,
@@ -317,6 +318,7 @@ def _summarise(out: Path, cfg: TrainConfig, trainer: GRPOTrainer, wall: float) -
                    {k.removeprefix("weight_"): [m.get(k, float("nan")) for m in metrics] for k in weight_keys},
                    "iteration", "reward weights")
     if len(evals) > 1:
+        label = f"{EVAL_SPLITS[cfg.eval_split]} reward"
         save_curve(out / "eval_curve.png", [e["iteration"] for e in evals],
-                   {"held-out reward": [e["reward_mean"] for e in evals]}, "iteration", "held-out reward")
+                   {label: [e["reward_mean"] for e in evals]}, "iteration", label)
     return summary
